@@ -1,0 +1,173 @@
+"""One renewal thread per process, serving every held lock.
+
+Each lease is renewed ttl/3 after its last renewal, so two renewals can fail before it
+expires. Leases that fall due within the next ttl/6 are renewed with it, so locks taken at
+different moments coalesce into batches: a batch is one pipelined round trip per master
+(``Store.extend_many``), never one per lock.
+
+A renewal that finds the lock gone (a quorum of masters answered "not yours") marks the lease
+lost at once; one that cannot reach a quorum retries quickly and marks the lease lost when its
+validity runs out. Either way the owner learns of it through the lease's ``on_lost``
+callbacks: the thread never dies silently (every error is logged and the loop goes on) and
+never extends a lock it does not own (the Lua compare-and-pexpire checks the token).
+
+The thread also retries releases that failed on some master (``Store.retry_cleanup``), so a
+master that was down during a release does not keep the key until its ttl.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .lease import Lease
+    from .store import Store
+
+__all__ = ["Renewer", "get_renewer"]
+
+logger = logging.getLogger("celery_singleton_lock.renewer")
+
+#: Retry interval after a renewal that could not reach a quorum, in seconds.
+RETRY_INTERVAL_S = 0.25
+
+
+class Renewer:
+    """Renews registered leases in batches from one daemon thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._leases: dict[int, Lease] = {}
+        self._cleanup_stores: dict[int, Store] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        #: Batches sent, by store (for tests and metrics).
+        self.batches = 0
+        self.renewals = 0
+
+    # -- registration ---------------------------------------------------------------------
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases[id(lease)] = lease
+            self._cleanup_stores[id(lease.store)] = lease.store
+            self._ensure_thread()
+            self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases.pop(id(lease), None)
+            self._cleanup_stores[id(lease.store)] = lease.store
+            self._cond.notify()
+
+    def leases(self) -> list[Lease]:
+        with self._cond:
+            return list(self._leases.values())
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(
+                target=self._run, name="celery-singleton-lock-renewer", daemon=True
+            )
+            self._thread.start()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _next_wake(self, now: float) -> float:
+        times = [lease.next_renewal for lease in self._leases.values()]
+        if any(s._cleanup for s in self._cleanup_stores.values()):
+            times.append(now + RETRY_INTERVAL_S)
+        return min(times) - now if times else 60.0
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                clock = _any_clock(self._leases, self._cleanup_stores)
+                now = clock()
+                wait = self._next_wake(now)
+                if wait > 0:
+                    self._cond.wait(timeout=wait)
+                    if self._stopping:
+                        return
+                    now = clock()
+                due = [
+                    lease
+                    for lease in self._leases.values()
+                    if lease.next_renewal - lease.ttl_s / 6.0 <= now
+                ]
+                stores = list(self._cleanup_stores.values())
+            try:
+                self.renew(due)
+                for store in stores:
+                    if store._cleanup:
+                        store.retry_cleanup()
+            except Exception:  # never die: log and go on with the next round
+                logger.exception("lock renewal round failed")
+
+    def renew(self, leases: list[Lease]) -> None:
+        """Renew ``leases`` now: one batch per store, one round trip per master."""
+        by_store: dict[int, list[Lease]] = defaultdict(list)
+        for lease in leases:
+            if not lease.released and not lease.lost:
+                by_store[id(lease.store)].append(lease)
+        for batch in by_store.values():
+            store = batch[0].store
+            started = store.clock()
+            verdicts = store.extend_many([(le.key, le.token, le.ttl_ms) for le in batch])
+            self.batches += 1
+            for lease, verdict in zip(batch, verdicts):
+                if lease.released:
+                    continue
+                if verdict is True:
+                    lease.renewed(started)
+                    self.renewals += 1
+                elif verdict is False:
+                    self._lost(lease, "renewal found the lock gone or held by another")
+                elif store.clock() >= lease.valid_until:
+                    self._lost(lease, "no quorum of masters answered before the lock expired")
+                else:
+                    lease.next_renewal = store.clock() + RETRY_INTERVAL_S
+
+    def _lost(self, lease: Lease, reason: str) -> None:
+        with self._cond:
+            self._leases.pop(id(lease), None)
+        logger.warning("lock %s lost: %s", lease.key, reason)
+        lease.mark_lost(reason)
+
+
+def _any_clock(leases: dict[int, Lease], stores: dict[int, Store]):  # type: ignore[no-untyped-def]
+    for lease in leases.values():
+        return lease.store.clock
+    for store in stores.values():
+        return store.clock
+    import time
+
+    return time.monotonic
+
+
+_renewer: Renewer | None = None
+_renewer_pid = 0
+_renewer_lock = threading.Lock()
+
+
+def get_renewer() -> Renewer:
+    """The renewer of this process (a fresh one after a fork: threads do not survive it)."""
+    global _renewer, _renewer_pid
+    with _renewer_lock:
+        if _renewer is None or _renewer_pid != os.getpid():
+            _renewer = Renewer()
+            _renewer_pid = os.getpid()
+        return _renewer

@@ -1,0 +1,679 @@
+"""The lock store: one Redis, several independent Redlock masters, or a Redis Cluster.
+
+A :class:`Store` talks to its masters only through :class:`Node` objects that run batches of
+named Lua scripts. A batch is *sent* to every master first and the replies are *received*
+afterwards, so N masters cost one round trip, concurrently, without a thread per call: the
+masters work in parallel while this process waits on the first socket. A hung master costs
+one socket timeout, not one per master.
+
+Node kinds:
+
+* :class:`RedisNode`: one Redis server through a redis-py connection pool, scripts sent as
+  ``EVALSHA`` with an ``EVAL`` fallback on ``NOSCRIPT`` (a restarted or failed-over Redis has an
+  empty script cache). The SHA is computed locally; nothing is cached in a module global tied
+  to one client.
+* :class:`ClusterNode`: a Redis Cluster through redis-py's ``RedisCluster``; every key of one
+  lock shares a hash tag, so each script runs on one node.
+* ``MemoryNode`` (in :mod:`celery_singleton_lock.memory`): an in-process stand-in for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol
+
+import redis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from .errors import LockBackendError, LockConfigError
+from .redlock import MasterReply, RoundOutcome, judge_acquire, judge_owned, quorum, validity_s
+from .urls import parse_store_url, redact_url
+
+__all__ = [
+    "Call",
+    "Node",
+    "RedisNode",
+    "ClusterNode",
+    "Store",
+    "AcquireResult",
+    "get_store",
+    "SCRIPTS",
+    "FENCE_TTL_MS",
+]
+
+logger = logging.getLogger("celery_singleton_lock.store")
+
+#: Lifetime of an idle fencing counter. A counter that expired restarts at the server's time in
+#: microseconds, so tokens still grow.
+FENCE_TTL_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script from ``lua/``; the SHA is computed locally, never cached per client."""
+
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str) -> Script:
+        source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+        return cls(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+
+
+SCRIPTS: dict[str, Script] = {
+    name: Script.load(name)
+    for name in ("acquire", "release", "extend", "raise_fence", "handover")
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One command of a batch: a named script (``script``) or a plain command (``command``)."""
+
+    script: str | None
+    keys: tuple[str, ...] = ()
+    args: tuple[Any, ...] = ()
+    command: tuple[Any, ...] = ()
+
+    @classmethod
+    def run(cls, script: str, keys: Sequence[str], args: Sequence[Any]) -> Call:
+        return cls(script, tuple(keys), tuple(args))
+
+    @classmethod
+    def plain(cls, *command: Any) -> Call:
+        return cls(None, command=command)
+
+    def evalsha(self) -> tuple[Any, ...]:
+        assert self.script is not None
+        return ("EVALSHA", SCRIPTS[self.script].sha, len(self.keys), *self.keys, *self.args)
+
+    def eval(self) -> tuple[Any, ...]:
+        assert self.script is not None
+        return ("EVAL", SCRIPTS[self.script].source, len(self.keys), *self.keys, *self.args)
+
+    def packed(self) -> tuple[Any, ...]:
+        return self.evalsha() if self.script is not None else self.command
+
+
+#: A reply per call, or the exception that stands for it.
+Replies = list[Any]
+
+
+class Pending(Protocol):
+    def receive(self) -> Replies: ...
+
+
+class Subscription(Protocol):
+    """A subscription to one channel on one node; ``fileno()`` becomes readable on a message."""
+
+    def fileno(self) -> int: ...
+    def drain(self) -> bool: ...  # True if a message arrived since the last drain
+    def close(self) -> None: ...
+
+
+class Node(Protocol):
+    """One master: runs a batch of calls in one round trip."""
+
+    #: Printable, password-free name.
+    name: str
+
+    def send(self, calls: Sequence[Call]) -> Pending: ...
+    def subscribe(self, channel: str) -> Subscription: ...
+    def client(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+class _Done:
+    def __init__(self, replies: Replies) -> None:
+        self.replies = replies
+
+    def receive(self) -> Replies:
+        return self.replies
+
+
+def _failed(calls: Sequence[Call], exc: BaseException) -> _Done:
+    return _Done([exc] * len(calls))
+
+
+class _RedisPending:
+    def __init__(self, node: RedisNode, conn: Any, calls: Sequence[Call]) -> None:
+        self.node, self.conn, self.calls = node, conn, calls
+
+    def receive(self) -> Replies:
+        conn, calls = self.conn, self.calls
+        replies: Replies = []
+        try:
+            for _ in calls:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:  # one error reply; the connection stays usable
+                    replies.append(exc)
+            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if missing:  # empty script cache after a restart: send the bodies once
+                conn.send_packed_command(conn.pack_commands([calls[i].eval() for i in missing]))
+                for i in missing:
+                    try:
+                        replies[i] = conn.read_response()
+                    except ResponseError as exc:
+                        replies[i] = exc
+        except (RedisError, OSError) as exc:
+            conn.disconnect()
+            replies.extend([exc] * (len(calls) - len(replies)))
+            replies[:] = [exc if isinstance(r, NoScriptError) else r for r in replies]
+        finally:
+            self.node.pool.release(conn)
+        return replies
+
+
+class _SocketSubscription:
+    """A redis-py PubSub on one channel whose socket wakes ``select``."""
+
+    def __init__(self, pubsub: Any, channel: str) -> None:
+        self.pubsub = pubsub
+        pubsub.subscribe(channel)
+        # Read the subscribe confirmation so that only real messages remain.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            msg = pubsub.get_message(timeout=0.05)
+            if msg and msg.get("type") == "subscribe":
+                break
+
+    def fileno(self) -> int:
+        conn = self.pubsub.connection
+        sock = getattr(conn, "_sock", None) if conn is not None else None
+        if sock is None:
+            raise OSError("pubsub connection is closed")
+        return sock.fileno()
+
+    def drain(self) -> bool:
+        got = False
+        while True:
+            msg = self.pubsub.get_message(timeout=0.0)
+            if msg is None:
+                return got
+            if msg.get("type") == "message":
+                got = True
+
+    def close(self) -> None:
+        try:
+            self.pubsub.close()
+        except (RedisError, OSError):  # closing a broken subscription; nothing to recover
+            logger.debug("closing a subscription failed", exc_info=True)
+
+
+# Options that keep a connect to a hung server from blocking on a handshake, and speak RESP2.
+_QUIET_CONNECT = {"lib_name": None, "lib_version": None, "protocol": 2}
+
+
+class RedisNode:
+    """One standalone Redis (a single store, or one Redlock master)."""
+
+    def __init__(self, url: str, *, socket_timeout: float) -> None:
+        self.url = url
+        self.name = redact_url(url)
+        try:
+            self.pool = redis.ConnectionPool.from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                **_QUIET_CONNECT,
+            )
+        except (ValueError, TypeError) as exc:
+            raise LockConfigError(
+                f"cannot use lock store URL {self.name!r}: {redact_url(str(exc))}",
+                setting="singleton_lock_url",
+            ) from None
+        self._client: redis.Redis | None = None
+
+    def send(self, calls: Sequence[Call]) -> Pending:
+        try:
+            conn = self.pool.get_connection()
+        except (RedisError, OSError) as exc:
+            return _failed(calls, exc)
+        try:
+            conn.send_packed_command(conn.pack_commands([c.packed() for c in calls]))
+        except (RedisError, OSError) as exc:
+            conn.disconnect()
+            self.pool.release(conn)
+            return _failed(calls, exc)
+        return _RedisPending(self, conn, calls)
+
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = redis.Redis(connection_pool=self.pool)
+        return self._client
+
+    def subscribe(self, channel: str) -> Subscription:
+        return _SocketSubscription(self.client().pubsub(ignore_subscribe_messages=False), channel)
+
+    def close(self) -> None:
+        self.pool.disconnect()
+
+    def __repr__(self) -> str:
+        return f"RedisNode({self.name!r})"
+
+
+class ClusterNode:
+    """A Redis Cluster, seen as one master: every key of one lock lives in one slot."""
+
+    def __init__(self, url: str, *, socket_timeout: float) -> None:
+        from redis.cluster import RedisCluster
+
+        self.url = url
+        self.name = redact_url(url)
+        plain = url.replace("+cluster", "", 1)
+        self._socket_timeout = socket_timeout
+        try:
+            self.cluster = RedisCluster.from_url(
+                plain,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                **_QUIET_CONNECT,
+            )
+        except (RedisError, OSError) as exc:
+            raise LockBackendError(
+                f"cannot reach Redis Cluster {self.name}: {redact_url(str(exc))}"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise LockConfigError(
+                f"cannot use lock store URL {self.name!r}: {redact_url(str(exc))}",
+                setting="singleton_lock_url",
+            ) from None
+
+    def send(self, calls: Sequence[Call]) -> Pending:
+        return _ClusterPending(self.cluster, calls)
+
+    def client(self) -> Any:
+        return self.cluster
+
+    def subscribe(self, channel: str) -> Subscription:
+        # Classic PUBLISH reaches every node of a cluster; any node serves the subscription.
+        return _SocketSubscription(self.cluster.pubsub(), channel)
+
+    def close(self) -> None:
+        self.cluster.close()
+
+    def __repr__(self) -> str:
+        return f"ClusterNode({self.name!r})"
+
+
+class _ClusterPending:
+    """Cluster batches run on ``receive``: redis-py groups them by node, one round trip each."""
+
+    def __init__(self, cluster: Any, calls: Sequence[Call]) -> None:
+        self.cluster, self.calls = cluster, calls
+
+    def receive(self) -> Replies:
+        calls = self.calls
+        try:
+            if len(calls) == 1:
+                return [self._one(calls[0])]
+            pipe = self.cluster.pipeline(transaction=False)
+            for call in calls:
+                pipe.execute_command(*call.packed())
+            replies: Replies = list(pipe.execute(raise_on_error=False))
+        except (RedisError, OSError) as exc:
+            return [exc] * len(calls)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                replies[i] = self._safe(lambda c=calls[i]: self.cluster.execute_command(*c.eval()))
+        return replies
+
+    def _one(self, call: Call) -> Any:
+        try:
+            return self.cluster.execute_command(*call.packed())
+        except NoScriptError:
+            return self._safe(lambda: self.cluster.execute_command(*call.eval()))
+        except ResponseError as exc:
+            return exc
+
+    @staticmethod
+    def _safe(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (RedisError, OSError) as exc:
+            return exc
+
+
+@dataclass(frozen=True)
+class AcquireResult:
+    """The outcome of :meth:`Store.acquire`."""
+
+    acquired: bool
+    fence: int
+    #: Seconds the lock is known valid from ``started`` (monotonic).
+    validity_s: float
+    started: float
+    holder: str | None
+    holder_pttl_ms: int
+    backend_down: bool
+    errors: tuple[str, ...]
+
+
+def _as_int(value: Any) -> int:
+    return int(value) if value is not None else 0
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def channel_for(key: str) -> str:
+    """The pub/sub channel on which a release of ``key`` is announced to waiters."""
+    return f"{key}:released"
+
+
+def fence_key_for(key: str) -> str:
+    """The fencing counter of ``key``; it shares the key's hash tag, so one cluster slot."""
+    return f"{key}:fence"
+
+
+class Store:
+    """N masters (N=1 for one Redis or a cluster) and the Redlock rules over them."""
+
+    def __init__(
+        self,
+        nodes: Sequence[Node],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        description: str | None = None,
+        notify: bool = True,
+    ) -> None:
+        if not nodes:
+            raise LockConfigError("a lock store needs at least one master", setting="url")
+        self.nodes = list(nodes)
+        self.quorum = quorum(len(self.nodes))
+        self.clock = clock
+        self.description = description or ",".join(n.name for n in self.nodes)
+        #: Publish releases so waiters wake at once (disable only to measure the cost).
+        self.notify = notify
+        self._cleanup_lock = threading.Lock()
+        #: (key, token, deadline) releases that failed on some master, retried in the background.
+        self._cleanup: list[tuple[str, str, float]] = []
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: object, *, socket_timeout: float = 0.2, setting: str = "url") -> Store:
+        parsed = parse_store_url(url, setting=setting)
+        if parsed.kind == "memory":
+            from .memory import memory_store
+
+            return memory_store(parsed.urls[0])
+        if parsed.kind == "cluster":
+            nodes: list[Node] = [ClusterNode(parsed.urls[0], socket_timeout=socket_timeout)]
+        else:
+            nodes = [RedisNode(u, socket_timeout=socket_timeout) for u in parsed.urls]
+        return cls(nodes, description=parsed.redacted)
+
+    @property
+    def n_masters(self) -> int:
+        return len(self.nodes)
+
+    def __repr__(self) -> str:
+        return f"Store({self.description!r}, masters={len(self.nodes)})"
+
+    # -- the round trip -------------------------------------------------------------------
+
+    def fanout(
+        self, calls: Sequence[Call], nodes: Iterable[int] | None = None
+    ) -> list[Replies]:
+        """Send ``calls`` to every master (or the indexes in ``nodes``), then read all replies."""
+        idx = list(range(len(self.nodes))) if nodes is None else list(nodes)
+        pending = [(i, self.nodes[i].send(calls)) for i in idx]
+        out: list[Replies] = [[] for _ in self.nodes]
+        for i, p in pending:
+            out[i] = p.receive()
+        return out
+
+    def fanout_each(self, per_node: dict[int, list[Call]]) -> dict[int, Replies]:
+        """Send each master its own batch, concurrently; one round trip per master."""
+        pending = [(i, self.nodes[i].send(calls)) for i, calls in per_node.items() if calls]
+        return {i: p.receive() for i, p in pending}
+
+    # -- lock operations ------------------------------------------------------------------
+
+    def acquire(
+        self, key: str, token: str, ttl_s: float, metadata: Sequence[tuple[str, Any]] = ()
+    ) -> AcquireResult:
+        """One Redlock round: take ``key`` on a quorum within the validity, or release it all."""
+        ttl_ms = max(1, int(ttl_s * 1000))
+        args: list[Any] = [token, ttl_ms, FENCE_TTL_MS]
+        for field, value in metadata:
+            args.extend((field, value))
+        call = Call.run("acquire", (key, fence_key_for(key)), args)
+        started = self.clock()
+        replies = self.fanout([call])
+        parsed = [self._acquire_reply(r[0]) for r in replies]
+        outcome = judge_acquire(parsed, ttl_s, self.clock() - started)
+        if outcome.acquired and outcome.fences_disagree:
+            outcome = self._raise_fences(key, parsed, outcome, ttl_s, started)
+        errors = tuple(f"{n.name}: {redact_url(str(r.error))}" for n, r in zip(self.nodes, parsed)
+                       if r.error is not None)
+        if not outcome.acquired:
+            # Undo partial grants; masters that did not answer may have applied it late.
+            touched = [i for i, r in enumerate(parsed) if r.acquired or r.error is not None]
+            if touched:
+                self.release(key, token, nodes=touched, deadline=started + ttl_s)
+        return AcquireResult(
+            acquired=outcome.acquired,
+            fence=outcome.fence,
+            validity_s=outcome.validity_s,
+            started=started,
+            holder=outcome.holder or None,
+            holder_pttl_ms=outcome.holder_pttl_ms,
+            backend_down=outcome.backend_down,
+            errors=errors,
+        )
+
+    def _acquire_reply(self, reply: Any) -> MasterReply:
+        if isinstance(reply, BaseException):
+            return MasterReply(error=reply)
+        try:
+            if int(reply[0]) == 1:
+                return MasterReply(acquired=True, fence=_as_int(reply[1]))
+            return MasterReply(holder=_text(reply[1]), holder_pttl_ms=_as_int(reply[2]))
+        except (TypeError, ValueError, IndexError) as exc:
+            return MasterReply(error=exc)
+
+    def _raise_fences(
+        self,
+        key: str,
+        parsed: list[MasterReply],
+        outcome: RoundOutcome,
+        ttl_s: float,
+        started: float,
+    ) -> RoundOutcome:
+        """Masters issued different fence values: raise a majority to the token handed out."""
+        granted = [i for i, r in enumerate(parsed) if r.acquired]
+        call = Call.run("raise_fence", (fence_key_for(key),), (outcome.fence, FENCE_TTL_MS))
+        replies = self.fanout([call], nodes=granted)
+        raised = sum(1 for i in granted if not isinstance(replies[i][0], BaseException))
+        validity = validity_s(ttl_s, self.clock() - started)
+        ok = raised >= self.quorum and validity > 0
+        return RoundOutcome(
+            acquired=ok,
+            validity_s=validity,
+            fence=outcome.fence,
+            fences_disagree=False,
+            holder=outcome.holder,
+            holder_pttl_ms=outcome.holder_pttl_ms,
+            backend_down=outcome.backend_down or raised < self.quorum,
+            granted=outcome.granted,
+        )
+
+    def release(
+        self,
+        key: str,
+        token: str,
+        *,
+        nodes: Iterable[int] | None = None,
+        deadline: float | None = None,
+    ) -> int:
+        """Compare-and-delete on every master; returns how many masters deleted our lock.
+
+        Masters that could not be reached are retried in the background (:meth:`retry_cleanup`)
+        until ``deadline`` (monotonic), after which the lock has expired there anyway.
+        """
+        channel = channel_for(key) if self.notify else ""
+        call = Call.run("release", (key,), (token, channel))
+        idx = list(range(len(self.nodes))) if nodes is None else list(nodes)
+        replies = self.fanout([call], nodes=idx)
+        released = 0
+        failed = False
+        for i in idx:
+            reply = replies[i][0]
+            if isinstance(reply, BaseException):
+                failed = True
+            elif _as_int(reply) == 1:
+                released += 1
+        if failed and deadline is not None and deadline > self.clock():
+            with self._cleanup_lock:
+                self._cleanup.append((key, token, deadline))
+        return released
+
+    def extend_many(
+        self, items: Sequence[tuple[str, str, int]], *, count_renewal: bool = True
+    ) -> list[bool | None]:
+        """Compare-and-pexpire many ``(key, token, ttl_ms)`` in one round trip per master.
+
+        Returns, per item, True (a quorum extended it), False (lost: a quorum is impossible)
+        or None (errors left it undecided).
+        """
+        if not items:
+            return []
+        flag = "1" if count_renewal else "0"
+        calls = [Call.run("extend", (k,), (t, ttl_ms, flag)) for k, t, ttl_ms in items]
+        replies = self.fanout(calls)
+        verdicts: list[bool | None] = []
+        for j in range(len(items)):
+            oks = not_owned = 0
+            for node_replies in replies:
+                r = node_replies[j]
+                if isinstance(r, BaseException):
+                    continue
+                if _as_int(r) == 1:
+                    oks += 1
+                else:
+                    not_owned += 1
+            verdicts.append(judge_owned(oks, not_owned, len(self.nodes)))
+        return verdicts
+
+    def handover(
+        self,
+        key: str,
+        token: str,
+        new_token: str,
+        ttl_s: float,
+        metadata: Sequence[tuple[str, Any]] = (),
+    ) -> bool:
+        """Give a held lock to ``new_token`` atomically on a quorum (never released between)."""
+        args: list[Any] = [token, new_token, max(1, int(ttl_s * 1000))]
+        for field, value in metadata:
+            args.extend((field, value))
+        replies = self.fanout([Call.run("handover", (key,), args)])
+        oks = sum(1 for r in replies if not isinstance(r[0], BaseException) and _as_int(r[0]) == 1)
+        return oks >= self.quorum
+
+    def owned(self, key: str, token: str) -> bool:
+        """True when a quorum of masters hold ``key`` with ``token``."""
+        replies = self.fanout([Call.plain("HGET", key, "token")])
+        oks = sum(1 for r in replies if not isinstance(r[0], BaseException) and r[0] is not None
+                  and _text(r[0]) == token)
+        return oks >= self.quorum
+
+    def retry_cleanup(self) -> int:
+        """Retry releases that failed on some master; returns how many are still pending."""
+        with self._cleanup_lock:
+            pending, self._cleanup = self._cleanup, []
+        if not pending:
+            return 0
+        now = self.clock()
+        keep: list[tuple[str, str, float]] = []
+        for key, token, deadline in pending:
+            if deadline <= now:
+                continue
+            call = Call.run("release", (key,), (token, ""))
+            replies = self.fanout([call])
+            if any(isinstance(r[0], BaseException) for r in replies):
+                keep.append((key, token, deadline))
+        with self._cleanup_lock:
+            self._cleanup.extend(keep)
+            return len(self._cleanup)
+
+    def wait_released(self, key: str, timeout_s: float, tried: Callable[[], bool]) -> bool:
+        """Call ``tried()`` until it returns True, sleeping on release notifications between.
+
+        Subscribes to the key's release channel on every master *before* each attempt, so a
+        release between an attempt and the wait still wakes it. Returns False on timeout.
+        """
+        deadline = self.clock() + timeout_s
+        subs: list[Subscription] = []
+        try:
+            for node in self.nodes:
+                try:
+                    subs.append(node.subscribe(channel_for(key)))
+                except (RedisError, OSError):
+                    logger.debug("cannot subscribe on %s", node.name, exc_info=True)
+            while True:
+                for s in subs:
+                    s.drain()
+                if tried():
+                    return True
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                # Wake on a release, or at the latest after 1 s to notice an expired lock
+                # (expiry publishes nothing).
+                wait = min(remaining, 1.0)
+                fds = []
+                for s in subs:
+                    try:
+                        fds.append(s.fileno())
+                    except OSError:
+                        continue
+                if fds:
+                    select.select(fds, [], [], wait)
+                else:
+                    time.sleep(wait)
+        finally:
+            for s in subs:
+                s.close()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+_stores: dict[tuple[Any, ...], Store] = {}
+_stores_lock = threading.Lock()
+_stores_pid = os.getpid()
+
+
+def get_store(url: object, *, socket_timeout: float = 0.2, setting: str = "url") -> Store:
+    """A process-wide :class:`Store` for ``url`` (connection pools are shared, per process)."""
+    global _stores_pid
+    parsed = parse_store_url(url, setting=setting)
+    cache_key = (parsed, socket_timeout)
+    with _stores_lock:
+        if _stores_pid != os.getpid():  # forked: the parent's sockets are not ours
+            _stores.clear()
+            _stores_pid = os.getpid()
+        store = _stores.get(cache_key)
+        if store is None:
+            store = Store.from_url(parsed, socket_timeout=socket_timeout, setting=setting)
+            _stores[cache_key] = store
+        return store
+
