@@ -91,28 +91,21 @@ class DuplicateTaskError(SingletonLockError, TaskRevokedError):
 
     ``lock_key`` is the lock's Redis key and ``holder_id`` the id of the task holding it
     (``None`` when the holder is not a task, or is unknown).
+
+    The arguments are kept in ``args`` so that result backends, which rebuild an exception as
+    ``cls(*args)`` (the JSON backend too), give back ``lock_key`` and ``holder_id``.
     """
 
     def __init__(
         self,
         message: str = "",
-        *,
         lock_key: str | None = None,
         holder_id: str | None = None,
         task_name: str | None = None,
     ) -> None:
         super().__init__(message, lock_key=lock_key, task_name=task_name)
-        self.holder_id = holder_id
+        self.holder_id = holder_id or None
+        self.args = (message, lock_key, holder_id, task_name)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keep the attributes through pickling (pool children -> parent, pickle backends).
-        return (
-            _rebuild_duplicate,
-            (str(self), self.lock_key, self.holder_id, self.task_name),
-        )
-
-
-def _rebuild_duplicate(
-    message: str, lock_key: str | None, holder_id: str | None, task_name: str | None
-) -> DuplicateTaskError:
-    return DuplicateTaskError(message, lock_key=lock_key, holder_id=holder_id, task_name=task_name)
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

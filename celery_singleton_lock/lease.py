@@ -66,6 +66,8 @@ class Lease:
         self.lost_reason = ""
         self.released = False
         self._on_lost: list[Callable[[Lease], None]] = []
+        #: Called before the lease is declared lost, to let a late "released" report land.
+        self.before_lost: Callable[[], None] | None = None
         self._lock = threading.Lock()
 
     @property

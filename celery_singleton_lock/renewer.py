@@ -144,6 +144,10 @@ class Renewer:
     def _lost(self, lease: Lease, reason: str) -> None:
         with self._cond:
             self._leases.pop(id(lease), None)
+        if lease.before_lost is not None:
+            lease.before_lost()
+        if lease.released:
+            return
         logger.warning("lock %s lost: %s", lease.key, reason)
         lease.mark_lost(reason)
 

@@ -1,0 +1,107 @@
+"""Signal wiring in the worker: the main process's supervisor and the endings only it sees.
+
+Connected once, when ``LockedTask`` is first bound to an app.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+from celery import signals as celery_signals
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+
+from . import signals
+from .lease import Lease
+from .store import Store
+from .supervisor import current_supervisor, start_supervisor, stop_supervisor
+
+__all__ = ["install"]
+
+logger = logging.getLogger("celery_singleton_lock.hooks")
+
+_installed = False
+_app: Any = None
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    celery_signals.worker_init.connect(_on_worker_init, weak=False)
+    celery_signals.worker_process_init.connect(_on_child_init, weak=False)
+    celery_signals.task_revoked.connect(_on_revoked, weak=False)
+    celery_signals.task_failure.connect(_on_failure, weak=False)
+    celery_signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+
+
+def _task(name: str) -> Any:
+    if _app is None:
+        return None
+    return _app.tasks.get(name)
+
+
+def _store_for(task_name: str) -> Store | None:
+    task = _task(task_name)
+    store = getattr(task, "lock_store", None)
+    return store if isinstance(store, Store) else None
+
+
+def _main_lost(lease: Lease, msg: dict[str, Any]) -> None:
+    task = _task(msg.get("task", ""))
+    logger.warning("task %s[%s] lost its lock %s: %s", msg.get("task"), msg.get("task_id"),
+                   lease.key, lease.lost_reason)
+    signals.lock_lost.send(sender=task, lock_key=lease.key, task_id=msg.get("task_id"),
+                           reason=lease.lost_reason)
+    if msg.get("on_lost") == "abort":
+        try:
+            os.kill(int(msg["pid"]), signal.SIGUSR2)
+        except (ProcessLookupError, KeyError, ValueError):
+            pass
+
+
+def _main_released(lease: Lease, msg: dict[str, Any], reason: str) -> None:
+    logger.info("released lock %s of %s[%s] in the worker main process: %s", lease.key,
+                msg.get("task"), msg.get("task_id"), reason)
+    signals.lock_released.send(sender=_task(msg.get("task", "")), lock_key=lease.key,
+                               task_id=msg.get("task_id"), reason=reason)
+
+
+def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    global _app
+    _app = getattr(sender, "app", None)
+    try:
+        start_supervisor(_store_for, _main_lost, _main_released)
+    except OSError:
+        logger.exception("cannot start the lock supervisor; children will renew their own locks")
+
+
+def _on_child_init(**kwargs: Any) -> None:
+    from .task import child_lock_lost_handler
+
+    signal.signal(signal.SIGUSR2, child_lock_lost_handler)
+
+
+def _on_revoked(request: Any = None, terminated: bool = False, **kwargs: Any) -> None:
+    sup = current_supervisor()
+    task_id = getattr(request, "id", None) or getattr(request, "task_id", None)
+    if sup is not None and task_id:
+        sup.release_task(task_id, "revoked")
+
+
+def _on_failure(task_id: str | None = None, exception: BaseException | None = None,
+                **kwargs: Any) -> None:
+    sup = current_supervisor()
+    if sup is None or not task_id:
+        return
+    if isinstance(exception, TimeLimitExceeded):
+        sup.release_task(task_id, "time_limit")
+    elif isinstance(exception, WorkerLostError):
+        sup.release_task(task_id, "worker_lost")
+
+
+def _on_worker_shutdown(**kwargs: Any) -> None:
+    stop_supervisor()

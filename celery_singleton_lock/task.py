@@ -1,0 +1,391 @@
+"""``LockedTask``: a Celery base class that runs one task per lock key at a time.
+
+The worker takes the lock just before the body runs (one round trip), renews it while the body
+runs and releases it however the run ends (one round trip), so the hot path costs two lock
+round trips. Duplicates are rejected (ready state ``REVOKED`` with a
+:class:`DuplicateTaskError`), requeued (same task id, a countdown with backoff and jitter, a
+counter header separate from ``request.retries``) or made to wait for a release notification.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+from typing import Any, ClassVar
+
+from celery import Task, states
+from celery.exceptions import Ignore, Retry
+
+from . import signals
+from .errors import DuplicateTaskError, LockBackendError, LockConfigError, LockLostError
+from .keys import lock_key_for, validate_lock_key_option
+from .lease import Lease
+from .renewer import get_renewer
+from .settings import LockOptions, register_defaults, resolve_options, resolve_store_url
+from .store import Store, get_store
+from .supervisor import current_reporter
+
+__all__ = ["LockedTask", "REQUEUE_HEADER"]
+
+logger = logging.getLogger("celery_singleton_lock.task")
+
+#: Message header counting requeues of a duplicate (separate from ``request.retries``).
+REQUEUE_HEADER = "singleton_lock_requeues"
+#: Requeue countdowns grow as base * 2**n up to this many times the base, with +-20 % jitter.
+REQUEUE_BACKOFF_CAP = 16
+
+_HOSTNAME = socket.gethostname()
+
+
+def requeue_countdown(base_s: float, requeues: int) -> float:
+    """Backoff with jitter: ``base * min(2**n, 16) * uniform(0.8, 1.2)`` seconds."""
+    factor = min(2 ** max(0, requeues), REQUEUE_BACKOFF_CAP)
+    return base_s * factor * random.uniform(0.8, 1.2)
+
+
+def run_signature(task_cls: type) -> inspect.Signature | None:
+    """The signature of the task body as callers call it (without ``self`` for bind=True)."""
+    raw = inspect.getattr_static(task_cls, "run", None)
+    if raw is None:
+        return None
+    try:
+        if isinstance(raw, staticmethod):
+            return inspect.signature(raw.__func__)
+        sig = inspect.signature(raw)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    return sig.replace(parameters=params[1:]) if params else sig
+
+
+class _Held:
+    """Per-execution state, kept on the request (task objects are shared between threads)."""
+
+    __slots__ = ("lease", "thread_id", "options")
+
+    def __init__(self, lease: Lease, options: LockOptions) -> None:
+        self.lease = lease
+        self.thread_id = threading.get_ident()
+        self.options = options
+
+
+# The lease of the task running in this pool child, for the SIGUSR2 (lock lost) handler.
+_child_current: _Held | None = None
+
+
+class LockedTask(Task):
+    """A task that holds a distributed lock per signature while it runs (see SPEC 1-6).
+
+    Options (class attributes or ``@app.task(...)`` keywords; None falls back to the
+    ``singleton_lock_*`` setting of the same name)::
+
+        lock_key, lock_ttl, lock_mode, lock_on_duplicate, lock_requeue_delay,
+        lock_requeue_max, lock_wait_timeout, lock_queued_ttl, lock_on_backend_error,
+        lock_on_lost, lock_on_enqueue_duplicate
+    """
+
+    #: None: all arguments; a list of argument names; [] for the task name alone; or a callable.
+    lock_key: Any = None
+    #: Seconds a lock lives without renewal (renewed every ttl/3 while the body runs).
+    lock_ttl: float | None = None
+    #: ``while_executing`` (default), ``until_executing``, ``until_executed``,
+    #: ``until_and_while_executing``.
+    lock_mode: str | None = None
+    #: ``reject``, ``requeue`` or ``wait``.
+    lock_on_duplicate: str | None = None
+    #: Base countdown of a requeued duplicate, seconds.
+    lock_requeue_delay: float | None = None
+    #: Requeues of one message before it is rejected.
+    lock_requeue_max: int | None = None
+    #: Longest a ``wait`` duplicate blocks, seconds.
+    lock_wait_timeout: float | None = None
+    #: Lifetime of an enqueue-time lock while its task waits in the queue, seconds.
+    lock_queued_ttl: float | None = None
+    #: ``requeue``, ``run`` or ``fail`` when the lock store is unreachable.
+    lock_on_backend_error: str | None = None
+    #: ``warn`` or ``abort`` when renewal finds the lock gone.
+    lock_on_lost: str | None = None
+    #: ``return_existing`` or ``raise`` for enqueue-time duplicates.
+    lock_on_enqueue_duplicate: str | None = None
+
+    _lock_cache: ClassVar[dict[str, Any]]
+
+    # -- registration ---------------------------------------------------------------------
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        register_defaults(app)
+        from . import hooks
+
+        hooks.install()
+        cls._lock_cache = {}
+        if cls.__dict__.get("name") or cls.__dict__.get("run"):
+            cls._validate_lock_options(app)
+
+    @classmethod
+    def _validate_lock_options(cls, app: Any) -> None:
+        name = cls.name or cls.__name__
+        try:
+            resolve_options(cls, app)
+            validate_lock_key_option(cls.lock_key, run_signature(cls), task_name=name)
+        except LockConfigError as exc:
+            raise LockConfigError(f"task {name}: {exc}", setting=exc.setting,
+                                  task_name=name) from None
+
+    # -- configuration, resolved once per process ----------------------------------------
+
+    @property
+    def lock_options(self) -> LockOptions:
+        cache = self._cache()
+        opts = cache.get("options")
+        if opts is None:
+            opts = cache["options"] = resolve_options(self, self.app)
+        return opts  # type: ignore[no-any-return]
+
+    @property
+    def lock_store(self) -> Store:
+        cache = self._cache()
+        store = cache.get("store")
+        if store is None or cache.get("pid") != os.getpid():
+            url = resolve_store_url(self.app)
+            store = get_store(url, socket_timeout=self.lock_options.socket_timeout,
+                              setting="singleton_lock_url")
+            cache["store"], cache["pid"] = store, os.getpid()
+        return store  # type: ignore[no-any-return]
+
+    def _cache(self) -> dict[str, Any]:
+        cache = self.__dict__.get("_lock_instance_cache")
+        if cache is None:
+            cache = self.__dict__["_lock_instance_cache"] = {}
+        return cache  # type: ignore[no-any-return]
+
+    def lock_key_for(self, *args: Any, **kwargs: Any) -> str:
+        """The full Redis key of the lock these arguments take."""
+        cache = self._cache()
+        if "signature" not in cache:
+            cache["signature"] = run_signature(type(self))
+        return lock_key_for(
+            self.lock_options.key_prefix, self.name, cache["signature"], self.lock_key,
+            args, kwargs,
+        )
+
+    @property
+    def lock(self) -> Lease | None:
+        """The lock held by the running body (``.key``, ``.token``, ``.fencing_token``...)."""
+        held = getattr(self.request, "_singleton_lock", None)
+        return held.lease if held is not None else None
+
+    # -- execution ------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        req = self.request
+        if req.called_directly or req.id is None:
+            return super().__call__(*args, **kwargs)
+        opts = self.lock_options
+        key = self.lock_key_for(*args, **kwargs)
+        lease = self._take(key, opts, req, args, kwargs)
+        if lease is None:  # lock_on_backend_error="run"
+            return self.run(*args, **kwargs)
+        held = _Held(lease, opts)
+        req._singleton_lock = held
+        self._watch(held, req)
+        reason = "failure"
+        try:
+            result = self.run(*args, **kwargs)
+            reason = "success"
+            return result
+        except Retry:
+            reason = "retry"
+            raise
+        finally:
+            self._let_go(held, req, reason)
+
+    def _take(
+        self, key: str, opts: LockOptions, req: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Lease | None:
+        from .lock import Redlock
+
+        lock = Redlock(
+            self.name,
+            store=self.lock_store,
+            key=key,
+            ttl=opts.ttl,
+            owner=req.id,
+            metadata={"task": self.name, "mode": opts.mode, "hostname": req.hostname or _HOSTNAME},
+        )
+        try:
+            got = lock.acquire(blocking=False)
+            if not got and opts.on_duplicate == "wait":
+                got = lock.acquire(timeout=opts.wait_timeout)
+        except LockBackendError as exc:
+            return self._backend_error(exc, key, opts, req, args, kwargs)
+        if got:
+            assert lock.lease is not None
+            signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id,
+                                       lease=lock.lease)
+            return lock.lease
+        attempt = lock.last_attempt
+        holder = attempt.holder if attempt is not None else None
+        self._duplicate(key, holder, opts, req, args, kwargs)
+        raise AssertionError("unreachable")  # _duplicate always raises
+
+    def _backend_error(
+        self, exc: LockBackendError, key: str, opts: LockOptions, req: Any,
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> None:
+        policy = opts.on_backend_error
+        if policy == "run":
+            logger.warning("running %s[%s] without its lock %s: %s", self.name, req.id, key, exc)
+            return None
+        if policy == "requeue":
+            requeues = self._requeues(req)
+            if requeues < opts.requeue_max:
+                logger.warning("requeueing %s[%s]: lock store unavailable: %s",
+                               self.name, req.id, exc)
+                self._requeue(req, args, kwargs, opts, requeues)
+        raise LockBackendError(
+            f"task {self.name}[{req.id}] did not run: lock store unavailable for {key}: {exc}",
+            lock_key=key, task_name=self.name,
+        )
+
+    @staticmethod
+    def _requeues(req: Any) -> int:
+        value = getattr(req, REQUEUE_HEADER, None)
+        if value is None:
+            value = (req.headers or {}).get(REQUEUE_HEADER, 0)
+        try:
+            return int(value or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    def _duplicate(
+        self, key: str, holder: str | None, opts: LockOptions, req: Any,
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> None:
+        policy = opts.on_duplicate
+        requeues = self._requeues(req)
+        # A holder with our own id is an earlier delivery of this very message (a worker
+        # killed with acks_late): never reject it, wait for that lock to expire.
+        if (policy in ("requeue", "wait") or holder == req.id) and requeues < opts.requeue_max:
+            signals.lock_duplicate.send(sender=self, lock_key=key, task_id=req.id,
+                                        holder_id=holder, policy="requeue")
+            self._requeue(req, args, kwargs, opts, requeues)
+        self._reject(key, holder, req)
+
+    def _requeue(
+        self, req: Any, args: tuple[Any, ...], kwargs: dict[str, Any], opts: LockOptions,
+        requeues: int,
+    ) -> None:
+        headers = dict(req.headers or {})
+        headers[REQUEUE_HEADER] = requeues + 1
+        sig = self.signature_from_request(
+            req, args, kwargs, countdown=requeue_countdown(opts.requeue_delay, requeues),
+            headers=headers,
+        )
+        sig.apply_async(singleton_lock_requeue=True)
+        raise Ignore()
+
+    def _reject(self, key: str, holder: str | None, req: Any) -> None:
+        exc = DuplicateTaskError(
+            f"task {self.name}[{req.id}] is a duplicate: lock {key} is held by task {holder}",
+            key, holder, self.name,
+        )
+        signals.lock_duplicate.send(sender=self, lock_key=key, task_id=req.id,
+                                    holder_id=holder, policy="reject")
+        try:
+            self.backend.store_result(req.id, exc, states.REVOKED, request=req)
+            if req.chord:
+                self.backend.on_chord_part_return(req, states.REVOKED, exc)
+        except Exception:
+            logger.exception("cannot store the REVOKED state of duplicate %s", req.id)
+        self._send_revoked_event(req, str(exc))
+        logger.info("rejected duplicate %s[%s]: lock %s held by %s", self.name, req.id, key,
+                    holder)
+        raise Ignore()
+
+    def _send_revoked_event(self, req: Any, reason: str) -> None:
+        if not req.hostname:
+            return
+        try:
+            self.send_event("task-revoked", terminated=False, signum=None, expired=False,
+                            reason=reason)
+        except Exception:
+            logger.debug("cannot send task-revoked event for %s", req.id, exc_info=True)
+
+    # -- while the body runs --------------------------------------------------------------
+
+    def _watch(self, held: _Held, req: Any) -> None:
+        """Have the lock renewed: by the worker main process (prefork) or by this process."""
+        global _child_current
+        lease = held.lease
+        reporter = current_reporter()
+        if reporter is not None and reporter.send(
+            op="acquired", key=lease.key, token=lease.token, ttl=lease.ttl_s, task=self.name,
+            task_id=req.id, pid=os.getpid(), fence=lease.fencing_token,
+            on_lost=held.options.on_lost, hostname=req.hostname or _HOSTNAME,
+            acquired_at=lease.acquired_at, mode=held.options.mode,
+        ):
+            _child_current = held
+            return
+        lease.on_lost(lambda le: self._lost_here(held, req.id))
+        get_renewer().add(lease)
+
+    def _lost_here(self, held: _Held, task_id: str) -> None:
+        lease = held.lease
+        logger.warning("task %s[%s] lost its lock %s: %s", self.name, task_id, lease.key,
+                       lease.lost_reason)
+        signals.lock_lost.send(sender=self, lock_key=lease.key, task_id=task_id,
+                               reason=lease.lost_reason)
+        if held.options.on_lost == "abort":
+            _raise_in_thread(held.thread_id, LockLostError)
+
+    def _let_go(self, held: _Held, req: Any, reason: str) -> None:
+        global _child_current
+        lease = held.lease
+        try:
+            if _child_current is held:
+                _child_current = None
+                reporter = current_reporter()
+                if reporter is not None:
+                    reporter.send(op="releasing", key=lease.key, token=lease.token)
+            released = lease.release()
+            if released:
+                signals.lock_released.send(sender=self, lock_key=lease.key, task_id=req.id,
+                                           reason=reason)
+        except Exception:  # a release error must not turn into a task failure
+            logger.exception("releasing lock %s of %s[%s] failed", lease.key, self.name, req.id)
+        finally:
+            req._singleton_lock = None
+
+    # -- enqueue --------------------------------------------------------------------------
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        options.pop("singleton_lock_requeue", None)
+        return super().apply_async(args, kwargs, **options)
+
+
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
+    """Raise ``exc_type`` asynchronously in a thread of this process (like a soft time limit)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+
+
+def child_lock_lost_handler(signum: int, frame: Any) -> None:
+    """SIGUSR2 in a pool child: the main process found the running task's lock lost."""
+    held = _child_current
+    if held is None or held.options.on_lost != "abort":
+        return
+    lease = held.lease
+    if lease.store.owned(lease.key, lease.token):
+        return
+    lease.lost = True
+    raise LockLostError(
+        f"lock {lease.key} was lost while its task ran", lock_key=lease.key,
+        task_name=lease.task_name,
+    )
+
