@@ -265,7 +265,7 @@ def _time_text(value: time) -> str:
 
 def _type_name(cls: type) -> str:
     module = getattr(cls, "__module__", None)
-    name = getattr(cls, "__qualname__", None) or getattr(cls, "__name__", "?")
+    name = str(getattr(cls, "__qualname__", None) or getattr(cls, "__name__", "?"))
     return name if module in (None, "builtins") else f"{module}.{name}"
 
 
@@ -296,8 +296,9 @@ def bind_arguments(
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise LockKeyError(
+            # Not the signature's text: its defaults' repr() can hold memory addresses.
             f"Cannot build the lock key of task {task_name!r}: its arguments do not match "
-            f"its signature {signature}: {exc}",
+            f"its signature: {exc}",
             task_name=task_name,
         ) from None
     bound.apply_defaults()

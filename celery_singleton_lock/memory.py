@@ -177,6 +177,20 @@ class MemoryNode:
             return 1
         return 0
 
+    def _beat_claim(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> int:
+        leader = self._get(keys[0])
+        if leader is None or leader.get("token") != str(args[0]):
+            return -1
+        state = self._get(keys[1])
+        if state is None:
+            state = {}
+            self._set(keys[1], state, None)
+        last = state.get(str(args[1]))
+        if last is not None and float(last) > float(args[2]) + 0.0005:
+            return 0
+        state[str(args[1])] = str(args[3])
+        return 1
+
     def _plain(self, command: tuple[Any, ...]) -> Any:
         name = str(command[0]).upper()
         if name == "HGET":

@@ -72,7 +72,7 @@ class Script:
 
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
-    for name in ("acquire", "release", "extend", "raise_fence", "handover")
+    for name in ("acquire", "release", "extend", "raise_fence", "handover", "beat_claim")
 }
 
 
