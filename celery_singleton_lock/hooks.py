@@ -90,6 +90,27 @@ def _on_revoked(request: Any = None, terminated: bool = False, **kwargs: Any) ->
     task_id = getattr(request, "id", None) or getattr(request, "task_id", None)
     if sup is not None and task_id:
         sup.release_task(task_id, "revoked")
+    try:
+        _release_enqueue_lock(request, kwargs.get("sender"))
+    except Exception:  # never let a release error break the worker's revoke handling
+        logger.exception("cannot release the enqueue lock of revoked task %s", task_id)
+
+
+def _release_enqueue_lock(request: Any, sender: Any) -> None:
+    """A task revoked before it started still holds its enqueue-time lock: release it."""
+    from .task import TOKEN_HEADER, LockedTask
+
+    task = sender if isinstance(sender, LockedTask) else _task(getattr(request, "name", ""))
+    if not isinstance(task, LockedTask) or task.lock_options.mode == "while_executing":
+        return
+    headers = getattr(request, "request_dict", None) or {}
+    token = headers.get(TOKEN_HEADER) or (headers.get("headers") or {}).get(TOKEN_HEADER)
+    if not token:
+        return
+    key = task.lock_key_for(*(request.args or ()), **(request.kwargs or {}))
+    if task.lock_store.release(key, str(token)) >= task.lock_store.quorum:
+        signals.lock_released.send(sender=task, lock_key=key, task_id=request.id,
+                                   reason="revoked")
 
 
 def _on_failure(task_id: str | None = None, exception: BaseException | None = None,

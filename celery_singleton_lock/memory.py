@@ -196,6 +196,9 @@ class MemoryNode:
         if name == "HGET":
             value = self._get(command[1])
             return value.get(command[2]) if isinstance(value, dict) else None
+        if name == "HMGET":
+            value = self._get(command[1])
+            return [value.get(f) if isinstance(value, dict) else None for f in command[2:]]
         if name == "HGETALL":
             return self.hgetall(command[1])
         if name == "PTTL":

@@ -25,6 +25,7 @@ import os
 import select
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -593,6 +594,22 @@ class Store:
         oks = sum(1 for r in replies if not isinstance(r[0], BaseException) and r[0] is not None
                   and _text(r[0]) == token)
         return oks >= self.quorum
+
+    def holder(self, key: str) -> str | None:
+        """The owner id of the lock at ``key`` if a quorum holds it ("" for no owner), else None.
+
+        Raises :class:`LockBackendError` when too few masters answer.
+        """
+        replies = self.fanout([Call.plain("HMGET", key, "token", "owner")])
+        answered = [r[0] for r in replies if not isinstance(r[0], BaseException)]
+        if len(answered) < self.quorum:
+            raise LockBackendError(f"cannot read lock {key!r}: fewer than {self.quorum} of "
+                                   f"{len(self.nodes)} masters answered", lock_key=key)
+        owners = Counter(_text(r[1] or b"") for r in answered if r and r[0] is not None)
+        if not owners:
+            return None
+        owner, count = owners.most_common(1)[0]
+        return owner if count >= self.quorum else None
 
     def retry_cleanup(self) -> int:
         """Retry releases that failed on some master; returns how many are still pending."""

@@ -17,10 +17,12 @@ import random
 import secrets
 import socket
 import threading
+from datetime import datetime
 from typing import Any, ClassVar
 
 from celery import Task, states
 from celery.exceptions import Ignore, Retry
+from celery.utils import uuid
 
 from . import signals
 from .errors import DuplicateTaskError, LockBackendError, LockConfigError, LockLostError
@@ -31,12 +33,14 @@ from .settings import LockOptions, register_defaults, resolve_options, resolve_s
 from .store import Store, get_store
 from .supervisor import current_reporter
 
-__all__ = ["LockedTask", "REQUEUE_HEADER"]
+__all__ = ["LockedTask", "REQUEUE_HEADER", "TOKEN_HEADER", "execution_key"]
 
 logger = logging.getLogger("celery_singleton_lock.task")
 
 #: Message header counting requeues of a duplicate (separate from ``request.retries``).
 REQUEUE_HEADER = "singleton_lock_requeues"
+#: Message header carrying the token of the enqueue-time lock to its worker.
+TOKEN_HEADER = "singleton_lock_token"
 #: Requeue countdowns grow as base * 2**n up to this many times the base, with +-20 % jitter.
 REQUEUE_BACKOFF_CAP = 16
 
@@ -67,12 +71,14 @@ def run_signature(task_cls: type) -> inspect.Signature | None:
 class _Held:
     """Per-execution state, kept on the request (task objects are shared between threads)."""
 
-    __slots__ = ("lease", "thread_id", "options")
+    __slots__ = ("lease", "thread_id", "options", "kept")
 
     def __init__(self, lease: Lease, options: LockOptions) -> None:
         self.lease = lease
         self.thread_id = threading.get_ident()
         self.options = options
+        #: True when a retry handed the lock back to the queued message (until_executed).
+        self.kept = False
 
 
 # The lease of the task running in this pool child, for the SIGUSR2 (lock lost) handler.
@@ -189,7 +195,17 @@ class LockedTask(Task):
             return super().__call__(*args, **kwargs)
         opts = self.lock_options
         key = self.lock_key_for(*args, **kwargs)
-        lease = self._take(key, opts, req, args, kwargs)
+        mode = opts.mode
+        if mode in ("until_executing", "until_and_while_executing"):
+            self._arrive(key, opts, req, args, kwargs)
+            if mode == "until_executing":
+                return self.run(*args, **kwargs)
+            key = execution_key(key)
+        lease = None
+        if mode == "until_executed":
+            lease = self._take_over(key, opts, req)
+        if lease is None:
+            lease = self._take(key, opts, req, args, kwargs)
         if lease is None:  # lock_on_backend_error="run"
             return self.run(*args, **kwargs)
         held = _Held(lease, opts)
@@ -205,6 +221,44 @@ class LockedTask(Task):
             raise
         finally:
             self._let_go(held, req, reason)
+
+    def _arrive(
+        self, key: str, opts: LockOptions, req: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """The task starts: release its enqueue lock, or find that another task holds it."""
+        store = self.lock_store
+        token = _header(req, TOKEN_HEADER)
+        try:
+            if token and store.release(key, str(token)) >= store.quorum:
+                signals.lock_released.send(sender=self, lock_key=key, task_id=req.id,
+                                           reason="started")
+                return
+            holder = store.holder(key)
+        except LockBackendError as exc:
+            self._backend_error(exc, key, opts, req, args, kwargs)
+            return
+        if holder is not None and holder != req.id:
+            self._duplicate(key, holder, opts, req, args, kwargs)
+
+    def _take_over(self, key: str, opts: LockOptions, req: Any) -> Lease | None:
+        """until_executed: turn the enqueue lock this message carries into the running lock."""
+        token = _header(req, TOKEN_HEADER)
+        if not token:
+            return None
+        store = self.lock_store
+        new_token = secrets.token_hex(16)
+        started = store.clock()
+        meta = [("owner", req.id), ("hostname", req.hostname or _HOSTNAME), ("pid", os.getpid()),
+                ("ttl", opts.ttl)]
+        try:
+            if not store.handover(key, str(token), new_token, opts.ttl, meta):
+                return None
+        except LockBackendError:
+            return None
+        lease = Lease(store, key, new_token, opts.ttl, started=started, owner=req.id,
+                      task_name=self.name)
+        signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id, lease=lease)
+        return lease
 
     def _take(
         self, key: str, opts: LockOptions, req: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -345,15 +399,22 @@ class LockedTask(Task):
         if held.options.on_lost == "abort":
             _raise_in_thread(held.thread_id, LockLostError)
 
-    def _let_go(self, held: _Held, req: Any, reason: str) -> None:
+    def _stop_renewal(self, held: _Held) -> None:
+        """Stop renewing ``held`` here or in the worker main process (before it changes hands)."""
         global _child_current
+        if _child_current is held:
+            _child_current = None
+            reporter = current_reporter()
+            if reporter is not None:
+                reporter.send(op="releasing", key=held.lease.key, token=held.lease.token)
+        get_renewer().remove(held.lease)
+
+    def _let_go(self, held: _Held, req: Any, reason: str) -> None:
         lease = held.lease
         try:
-            if _child_current is held:
-                _child_current = None
-                reporter = current_reporter()
-                if reporter is not None:
-                    reporter.send(op="releasing", key=lease.key, token=lease.token)
+            self._stop_renewal(held)
+            if held.kept:  # until_executed retry: the lock went back to the queued message
+                return
             released = lease.release()
             if released:
                 signals.lock_released.send(sender=self, lock_key=lease.key, task_id=req.id,
@@ -366,8 +427,115 @@ class LockedTask(Task):
     # -- enqueue --------------------------------------------------------------------------
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        options.pop("singleton_lock_requeue", None)
-        return super().apply_async(args, kwargs, **options)
+        """Publish the task; with an ``until_*`` mode, take its lock first (SPEC 4).
+
+        A duplicate returns the holder's ``AsyncResult`` and publishes nothing
+        (``lock_on_enqueue_duplicate="return_existing"``) or raises :class:`DuplicateTaskError`
+        (``"raise"``). A publish that fails releases the lock it took.
+        """
+        if options.pop("singleton_lock_requeue", False):
+            return super().apply_async(args, kwargs, **options)
+        opts = self.lock_options
+        if opts.mode == "while_executing" or self.app.conf.task_always_eager:
+            return super().apply_async(args, kwargs, **options)
+        held = getattr(self.request, "_singleton_lock", None)
+        if options.get("task_id") is not None and options.get("task_id") == self.request.id:
+            # self.retry() (or a replace) of the running task: no new enqueue lock.
+            if held is not None and opts.mode == "until_executed":
+                return self._retry_keeping_lock(held, opts, args, kwargs, options)
+            return super().apply_async(args, kwargs, **options)
+        return self._enqueue_locked(opts, args, kwargs, options)
+
+    def _enqueue_locked(
+        self, opts: LockOptions, args: Any, kwargs: Any, options: dict[str, Any]
+    ) -> Any:
+        from .lock import Redlock
+
+        key = self.lock_key_for(*(args or ()), **(kwargs or {}))
+        task_id = options.get("task_id") or uuid()
+        options["task_id"] = task_id
+        lock = Redlock(
+            self.name, store=self.lock_store, key=key,
+            ttl=opts.queued_ttl + _delay_s(options), owner=task_id,
+            metadata={"task": self.name, "mode": opts.mode},
+        )
+        try:
+            got = lock.acquire(blocking=False)
+        except LockBackendError as exc:
+            if opts.on_backend_error != "run":
+                raise
+            logger.warning("publishing %s[%s] without its enqueue lock: %s", self.name, task_id,
+                           exc)
+            return super().apply_async(args, kwargs, **options)
+        if not got:
+            attempt = lock.last_attempt
+            holder = attempt.holder if attempt is not None else None
+            signals.lock_duplicate.send(sender=self, lock_key=key, task_id=task_id,
+                                        holder_id=holder, policy=opts.on_enqueue_duplicate)
+            if opts.on_enqueue_duplicate == "return_existing" and holder:
+                return self.AsyncResult(holder)
+            raise DuplicateTaskError(
+                f"task {self.name} not queued: lock {key} is held by task {holder}",
+                key, holder, self.name,
+            )
+        options["headers"] = {**(options.get("headers") or {}), TOKEN_HEADER: lock.token}
+        try:
+            return super().apply_async(args, kwargs, **options)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _retry_keeping_lock(
+        self, held: _Held, opts: LockOptions, args: Any, kwargs: Any, options: dict[str, Any]
+    ) -> Any:
+        """until_executed + self.retry(): hand the running lock back to the queued message."""
+        lease = held.lease
+        new_token = secrets.token_hex(16)
+        self._stop_renewal(held)
+        kept = lease.store.handover(
+            lease.key, lease.token, new_token, opts.queued_ttl + _delay_s(options),
+            [("pid", os.getpid())],
+        )
+        if not kept:
+            return super().apply_async(args, kwargs, **options)
+        held.kept = True
+        options["headers"] = {**(options.get("headers") or {}), TOKEN_HEADER: new_token}
+        try:
+            return super().apply_async(args, kwargs, **options)
+        except BaseException:
+            held.kept = False
+            lease.store.release(lease.key, new_token)
+            raise
+
+
+def execution_key(key: str) -> str:
+    """The execution lock of ``until_and_while_executing`` (same hash tag as the enqueue lock)."""
+    return f"{key}:run"
+
+
+def _header(req: Any, name: str) -> Any:
+    value = getattr(req, name, None)
+    if value is None:
+        value = (req.headers or {}).get(name)
+    return value
+
+
+def _delay_s(options: dict[str, Any]) -> float:
+    """Seconds until the message is due (countdown or eta), added to the queued lock's ttl."""
+    countdown = options.get("countdown")
+    if countdown:
+        return max(0.0, float(countdown))
+    eta = options.get("eta")
+    if isinstance(eta, datetime):
+        now = datetime.now(eta.tzinfo) if eta.tzinfo else datetime.now()
+        return max(0.0, (eta - now).total_seconds())
+    if isinstance(eta, str):
+        try:
+            parsed = datetime.fromisoformat(eta)
+        except ValueError:
+            return 0.0
+        return _delay_s({"eta": parsed})
+    return 0.0
 
 
 def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
