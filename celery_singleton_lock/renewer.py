@@ -63,6 +63,13 @@ class Renewer:
             self._cleanup_stores[id(lease.store)] = lease.store
             self._cond.notify()
 
+    def watch_cleanup(self, store: Store) -> None:
+        """Retry ``store``'s failed releases from this thread (started if need be), from now."""
+        with self._cond:
+            self._cleanup_stores[id(store)] = store
+            self._ensure_thread()
+            self._cond.notify()
+
     def leases(self) -> list[Lease]:
         with self._cond:
             return list(self._leases.values())

@@ -36,6 +36,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .errors import LockBackendError, LockConfigError
 from .redlock import MasterReply, RoundOutcome, judge_acquire, judge_owned, quorum, validity_s
+from .renewer import get_renewer
 from .urls import parse_store_url, redact_url
 
 __all__ = [
@@ -213,7 +214,13 @@ class _SocketSubscription:
 
 
 # Options that keep a connect to a hung server from blocking on a handshake, and speak RESP2.
-_QUIET_CONNECT = {"lib_name": None, "lib_version": None, "protocol": 2}
+# No CLIENT SETINFO: ``driver_info=None`` where redis-py has it (it deprecates ``lib_name``).
+try:
+    import redis.driver_info  # noqa: F401 - redis-py >= 7.1
+
+    _QUIET_CONNECT: dict[str, Any] = {"driver_info": None, "protocol": 2}
+except ImportError:
+    _QUIET_CONNECT = {"lib_name": None, "lib_version": None, "protocol": 2}
 
 
 class RedisNode:
@@ -543,6 +550,7 @@ class Store:
         if failed and deadline is not None and deadline > self.clock():
             with self._cleanup_lock:
                 self._cleanup.append((key, token, deadline))
+            get_renewer().watch_cleanup(self)
         return released
 
     def extend_many(
