@@ -65,6 +65,8 @@ class Lease:
         self.lost = False
         self.lost_reason = ""
         self.released = False
+        #: True while the process's renewer holds this lease.
+        self.registered = False
         self._on_lost: list[Callable[[Lease], None]] = []
         #: Called before the lease is declared lost, to let a late "released" report land.
         self.before_lost: Callable[[], None] | None = None
@@ -128,13 +130,14 @@ class Lease:
 
     def release(self) -> bool:
         """Compare-and-delete on every master. False if the lock was no longer ours."""
-        from .renewer import get_renewer
-
         with self._lock:
             if self.released:
                 return False
             self.released = True
-        get_renewer().remove(self)
+        if self.registered:
+            from .renewer import get_renewer
+
+            get_renewer().remove(self)
         released = self.store.release(self.key, self.token, deadline=self.valid_until + 1.0)
         return released >= self.store.quorum and not self.lost
 

@@ -25,6 +25,8 @@ __all__ = ["Redlock", "check_ttl"]
 
 logger = logging.getLogger("celery_singleton_lock.lock")
 
+_HOSTNAME = socket.gethostname()
+
 
 def check_ttl(value: Any, setting: str) -> float:
     """A positive, finite number of seconds, or :class:`LockConfigError` naming ``setting``."""
@@ -84,10 +86,12 @@ class Redlock:
         self._metadata = {
             "owner": owner,
             "task": "",
-            "hostname": socket.gethostname(),
+            "hostname": _HOSTNAME,
             "mode": "lock",
             **(metadata or {}),
         }
+        # Fields that do not change between attempts, flattened once.
+        self._static_meta = [*self._metadata.items(), ("ttl", self.ttl), ("renewals", 0)]
         self._on_lost = on_lost
         self._lease: Lease | None = None
         #: The outcome of the last failed attempt (holder id, ttl left), if any.
@@ -117,9 +121,8 @@ class Redlock:
 
     def _attempt(self) -> bool:
         token = secrets.token_hex(16)
-        meta = dict(self._metadata, pid=os.getpid(), acquired_at=f"{time.time():.6f}",
-                    ttl=self.ttl, renewals=0)
-        result = self.store.acquire(self.key, token, self.ttl, list(meta.items()))
+        meta = [*self._static_meta, ("pid", os.getpid()), ("acquired_at", f"{time.time():.6f}")]
+        result = self.store.acquire(self.key, token, self.ttl, meta)
         if result.acquired:
             self.last_attempt = None
             lease = Lease(

@@ -213,7 +213,7 @@ class MemoryNode:
         handler = getattr(self, f"_{call.script}")
         return handler(call.keys, call.args)
 
-    def send(self, calls: Sequence[Call]) -> _Done:
+    def send(self, calls: Sequence[Call], packed: bytes | None = None) -> _Done:
         with self.mutex:
             self.round_trips += 1
             if self.down:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "quorum",
@@ -43,8 +43,7 @@ def validity_s(ttl_s: float, elapsed_s: float) -> float:
     return ttl_s - elapsed_s - drift_s(ttl_s)
 
 
-@dataclass(frozen=True)
-class MasterReply:
+class MasterReply(NamedTuple):
     """What one master answered to an acquire: taken, held by another, or an error."""
 
     acquired: bool = False
@@ -58,8 +57,7 @@ class MasterReply:
     error: BaseException | None = None
 
 
-@dataclass(frozen=True)
-class RoundOutcome:
+class RoundOutcome(NamedTuple):
     """The verdict on one acquire round over all masters."""
 
     acquired: bool
@@ -82,6 +80,12 @@ class RoundOutcome:
 def judge_acquire(replies: Sequence[MasterReply], ttl_s: float, elapsed_s: float) -> RoundOutcome:
     """Decide an acquire round: quorum of grants and positive validity."""
     n = len(replies)
+    first = replies[0] if replies else None
+    if first is not None and first.acquired and all(
+        r.acquired and r.fence == first.fence for r in replies
+    ):  # the common case: every master granted the same fence
+        validity = validity_s(ttl_s, elapsed_s)
+        return RoundOutcome(validity > 0, validity, first.fence, False, None, -1, False, n)
     need = quorum(n)
     granted = [r for r in replies if r.acquired]
     answered = sum(1 for r in replies if r.error is None)

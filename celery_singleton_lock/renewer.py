@@ -44,6 +44,8 @@ class Renewer:
         self._cleanup_stores: dict[int, Store] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        #: Monotonic time the thread will wake next (to skip needless notifications).
+        self._wake_at = 0.0
         #: Batches sent, by store (for tests and metrics).
         self.batches = 0
         self.renewals = 0
@@ -53,15 +55,20 @@ class Renewer:
     def add(self, lease: Lease) -> None:
         with self._cond:
             self._leases[id(lease)] = lease
+            lease.registered = True
             self._cleanup_stores[id(lease.store)] = lease.store
             self._ensure_thread()
-            self._cond.notify()
+            # Wake the thread only if this lease falls due before its current wake-up.
+            if lease.next_renewal - lease.ttl_s / 6.0 < self._wake_at:
+                self._cond.notify()
 
     def remove(self, lease: Lease) -> None:
+        """Stop renewing ``lease``. Never wakes the thread: a removal delays no renewal."""
+        if not lease.registered:
+            return
         with self._cond:
             self._leases.pop(id(lease), None)
-            self._cleanup_stores[id(lease.store)] = lease.store
-            self._cond.notify()
+            lease.registered = False
 
     def watch_cleanup(self, store: Store) -> None:
         """Retry ``store``'s failed releases from this thread (started if need be), from now."""
@@ -106,7 +113,9 @@ class Renewer:
                 now = clock()
                 wait = self._next_wake(now)
                 if wait > 0:
+                    self._wake_at = now + wait
                     self._cond.wait(timeout=wait)
+                    self._wake_at = 0.0
                     if self._stopping:
                         return
                     now = clock()
@@ -151,6 +160,7 @@ class Renewer:
     def _lost(self, lease: Lease, reason: str) -> None:
         with self._cond:
             self._leases.pop(id(lease), None)
+            lease.registered = False
         if lease.before_lost is not None:
             lease.before_lost()
         if lease.released:

@@ -29,10 +29,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import LockBackendError, LockConfigError
 from .redlock import MasterReply, RoundOutcome, judge_acquire, judge_owned, quorum, validity_s
@@ -107,6 +109,24 @@ class Call:
         return self.evalsha() if self.script is not None else self.command
 
 
+def pack_resp(commands: Sequence[Sequence[Any]]) -> bytes:
+    """Encode commands in RESP once, for every master (redis-py would pack per connection)."""
+    out: list[bytes] = []
+    for args in commands:
+        out.append(b"*%d\r\n" % len(args))
+        for arg in args:
+            if isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, str):
+                data = arg.encode("utf-8")
+            elif isinstance(arg, float):
+                data = repr(arg).encode("ascii")
+            else:
+                data = str(arg).encode("utf-8")
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
 #: A reply per call, or the exception that stands for it.
 Replies = list[Any]
 
@@ -129,7 +149,7 @@ class Node(Protocol):
     #: Printable, password-free name.
     name: str
 
-    def send(self, calls: Sequence[Call]) -> Pending: ...
+    def send(self, calls: Sequence[Call], packed: bytes | None = None) -> Pending: ...
     def subscribe(self, channel: str) -> Subscription: ...
     def client(self) -> Any: ...
     def close(self) -> None: ...
@@ -148,14 +168,33 @@ def _failed(calls: Sequence[Call], exc: BaseException) -> _Done:
 
 
 class _RedisPending:
-    def __init__(self, node: RedisNode, conn: Any, calls: Sequence[Call]) -> None:
+    def __init__(
+        self, node: RedisNode, conn: Any, calls: Sequence[Call], packed: bytes, reused: bool
+    ) -> None:
         self.node, self.conn, self.calls = node, conn, calls
+        self.packed, self.reused = packed, reused
 
     def receive(self) -> Replies:
         conn, calls = self.conn, self.calls
         replies: Replies = []
         try:
-            for _ in calls:
+            try:
+                first = conn.read_response()
+            except ResponseError as exc:
+                first = exc
+            except RedisConnectionError as exc:
+                # An idle connection whose server restarted or closed it: the server never saw
+                # the batch (a timeout is not retried: the server may have run it). Once more.
+                if not self.reused or isinstance(exc, RedisTimeoutError):
+                    raise
+                conn.disconnect()
+                conn.send_packed_command([self.packed])
+                try:
+                    first = conn.read_response()
+                except ResponseError as exc2:
+                    first = exc2
+            replies.append(first)
+            for _ in calls[1:]:
                 try:
                     replies.append(conn.read_response())
                 except ResponseError as exc:  # one error reply; the connection stays usable
@@ -173,7 +212,7 @@ class _RedisPending:
             replies.extend([exc] * (len(calls) - len(replies)))
             replies[:] = [exc if isinstance(r, NoScriptError) else r for r in replies]
         finally:
-            self.node.pool.release(conn)
+            self.node.put(conn)
         return replies
 
 
@@ -242,19 +281,44 @@ class RedisNode:
                 setting="singleton_lock_url",
             ) from None
         self._client: redis.Redis | None = None
+        # Our own idle connections: redis-py's pool does bookkeeping on every checkout that
+        # costs more than the round trip saves at N masters. A connection that failed is
+        # disconnected before it comes back, and reconnects on its next use.
+        self._new = lambda: self.pool.connection_class(**self.pool.connection_kwargs)
+        self._idle: list[Any] = []
+        self._pid = os.getpid()
 
-    def send(self, calls: Sequence[Call]) -> Pending:
+    def get(self) -> Any:
+        if self._pid != os.getpid():  # forked: the parent's sockets are not ours
+            self._idle, self._pid = [], os.getpid()
         try:
-            conn = self.pool.get_connection()
-        except (RedisError, OSError) as exc:
-            return _failed(calls, exc)
+            return self._idle.pop()
+        except IndexError:
+            return self._new()
+
+    def put(self, conn: Any) -> None:
+        if self._pid == os.getpid():
+            self._idle.append(conn)
+
+    def send(self, calls: Sequence[Call], packed: bytes | None = None) -> Pending:
+        conn = self.get()
+        if packed is None:
+            packed = pack_resp([c.packed() for c in calls])
+        reused = getattr(conn, "_sock", None) is not None
         try:
-            conn.send_packed_command(conn.pack_commands([c.packed() for c in calls]))
+            try:
+                conn.send_packed_command([packed])
+            except RedisConnectionError:
+                if not reused:
+                    raise
+                conn.disconnect()  # a stale idle connection: reconnect once
+                reused = False
+                conn.send_packed_command([packed])
         except (RedisError, OSError) as exc:
             conn.disconnect()
-            self.pool.release(conn)
+            self.put(conn)
             return _failed(calls, exc)
-        return _RedisPending(self, conn, calls)
+        return _RedisPending(self, conn, calls, packed, reused)
 
     def client(self) -> redis.Redis:
         if self._client is None:
@@ -265,6 +329,9 @@ class RedisNode:
         return _SocketSubscription(self.client().pubsub(ignore_subscribe_messages=False), channel)
 
     def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.disconnect()
         self.pool.disconnect()
 
     def __repr__(self) -> str:
@@ -298,7 +365,7 @@ class ClusterNode:
                 setting="singleton_lock_url",
             ) from None
 
-    def send(self, calls: Sequence[Call]) -> Pending:
+    def send(self, calls: Sequence[Call], packed: bytes | None = None) -> Pending:
         return _ClusterPending(self.cluster, calls)
 
     def client(self) -> Any:
@@ -353,8 +420,7 @@ class _ClusterPending:
             return exc
 
 
-@dataclass(frozen=True)
-class AcquireResult:
+class AcquireResult(NamedTuple):
     """The outcome of :meth:`Store.acquire`."""
 
     acquired: bool
@@ -439,8 +505,9 @@ class Store:
         self, calls: Sequence[Call], nodes: Iterable[int] | None = None
     ) -> list[Replies]:
         """Send ``calls`` to every master (or the indexes in ``nodes``), then read all replies."""
-        idx = list(range(len(self.nodes))) if nodes is None else list(nodes)
-        pending = [(i, self.nodes[i].send(calls)) for i in idx]
+        idx = range(len(self.nodes)) if nodes is None else list(nodes)
+        packed = pack_resp([c.packed() for c in calls])
+        pending = [(i, self.nodes[i].send(calls, packed)) for i in idx]
         out: list[Replies] = [[] for _ in self.nodes]
         for i, p in pending:
             out[i] = p.receive()
@@ -468,8 +535,10 @@ class Store:
         outcome = judge_acquire(parsed, ttl_s, self.clock() - started)
         if outcome.acquired and outcome.fences_disagree:
             outcome = self._raise_fences(key, parsed, outcome, ttl_s, started)
-        errors = tuple(f"{n.name}: {redact_url(str(r.error))}" for n, r in zip(self.nodes, parsed)
-                       if r.error is not None)
+        errors: tuple[str, ...] = ()
+        if outcome.granted < len(parsed):
+            errors = tuple(f"{n.name}: {redact_url(str(r.error))}"
+                           for n, r in zip(self.nodes, parsed, strict=True) if r.error is not None)
         if not outcome.acquired:
             # Undo partial grants; masters that did not answer may have applied it late.
             touched = [i for i, r in enumerate(parsed) if r.acquired or r.error is not None]

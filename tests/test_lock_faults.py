@@ -360,10 +360,10 @@ class RoundTrips:
         for i, node in enumerate(store.nodes):
             send = node.send
 
-            def counting(calls: Any, _i: int = i, _send: Any = send) -> Any:
+            def counting(calls: Any, packed: Any = None, _i: int = i, _send: Any = send) -> Any:
                 self.per_node[_i] += 1
                 self.calls_per_node[_i] += len(calls)
-                return _send(calls)
+                return _send(calls, packed)
 
             node.send = counting  # type: ignore[method-assign]
 
