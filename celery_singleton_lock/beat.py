@@ -110,8 +110,10 @@ class SingletonSchedulerMixin:
             return False
         if not got:
             attempt = lock.last_attempt
-            pttl_s = (attempt.holder_pttl_ms / 1000.0) if attempt and attempt.holder_pttl_ms > 0 \
-                else self._beat_ttl / 3
+            if attempt is not None and attempt.holder_pttl_ms > 0:
+                pttl_s = attempt.holder_pttl_ms / 1000.0
+            else:
+                pttl_s = self._beat_ttl / 3
             # Wake just after the leader's lock would expire (a killed leader renews no more).
             self._standby_delay = max(0.01, min(pttl_s + 0.01, self._beat_ttl / 3))
             return False
@@ -131,15 +133,18 @@ class SingletonSchedulerMixin:
             value = reply[0]
             if isinstance(value, BaseException) or not value:
                 continue
-            pairs = value.items() if isinstance(value, dict) else zip(value[::2], value[1::2])
+            if isinstance(value, dict):
+                pairs = list(value.items())
+            else:
+                pairs = list(zip(value[::2], value[1::2], strict=True))
             for k, v in pairs:
                 name = k.decode() if isinstance(k, bytes) else str(k)
                 ts = float(v)
                 newest[name] = max(ts, newest.get(name, 0.0))
         for name, entry in list(self.schedule.items()):
-            ts = newest.get(name)
-            if ts is not None and ts > _timestamp(entry.last_run_at) + 0.0005:
-                entry.last_run_at = datetime.fromtimestamp(ts, tz=timezone.utc)
+            shared = newest.get(name)
+            if shared is not None and shared > _timestamp(entry.last_run_at) + 0.0005:
+                entry.last_run_at = datetime.fromtimestamp(shared, tz=timezone.utc)
         self._heap = None  # rebuild the heap from the updated entries
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
@@ -148,7 +153,7 @@ class SingletonSchedulerMixin:
                 self._leader = None
             if not self._try_lead():
                 return min(self._standby_delay, self.max_interval)
-        return super().tick(*args, **kwargs)  # type: ignore[misc, no-any-return]
+        return super().tick(*args, **kwargs)  # type: ignore[misc]
 
     def _claim(self, entry: Any) -> bool:
         leader = self._leader

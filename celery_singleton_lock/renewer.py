@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ class Renewer:
             started = store.clock()
             verdicts = store.extend_many([(le.key, le.token, le.ttl_ms) for le in batch])
             self.batches += 1
-            for lease, verdict in zip(batch, verdicts):
+            for lease, verdict in zip(batch, verdicts, strict=True):
                 if lease.released:
                     continue
                 if verdict is True:
@@ -169,7 +170,7 @@ class Renewer:
         lease.mark_lost(reason)
 
 
-def _any_clock(leases: dict[int, Lease], stores: dict[int, Store]):  # type: ignore[no-untyped-def]
+def _any_clock(leases: dict[int, Lease], stores: dict[int, Store]) -> Callable[[], float]:
     for lease in leases.values():
         return lease.store.clock
     for store in stores.values():

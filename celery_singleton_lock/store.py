@@ -70,7 +70,7 @@ class Script:
 
     @classmethod
     def load(cls, name: str) -> Script:
-        source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+        source = (resources.files(__package__) / "lua" / f"{name}.lua").read_text("utf-8")
         return cls(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
 
 
@@ -401,21 +401,21 @@ class _ClusterPending:
             return [exc] * len(calls)
         for i, reply in enumerate(replies):
             if isinstance(reply, NoScriptError):
-                replies[i] = self._safe(lambda c=calls[i]: self.cluster.execute_command(*c.eval()))
+                replies[i] = self._safe(self.cluster.execute_command, *calls[i].eval())
         return replies
 
     def _one(self, call: Call) -> Any:
         try:
             return self.cluster.execute_command(*call.packed())
         except NoScriptError:
-            return self._safe(lambda: self.cluster.execute_command(*call.eval()))
+            return self._safe(self.cluster.execute_command, *call.eval())
         except ResponseError as exc:
             return exc
 
     @staticmethod
-    def _safe(fn: Callable[[], Any]) -> Any:
+    def _safe(fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            return fn()
+            return fn(*args)
         except (RedisError, OSError) as exc:
             return exc
 

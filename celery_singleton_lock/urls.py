@@ -4,7 +4,7 @@ The forms accepted (SPEC section 2):
 
 * one ``redis://``, ``rediss://`` or ``unix://`` URL: one Redis;
 * a list, or a comma-separated string, of two or more such URLs: Redlock over independent masters;
-* one ``redis+cluster://`` or ``rediss+cluster://`` URL: a Redis Cluster (redis-py's cluster client);
+* one ``redis+cluster://`` or ``rediss+cluster://`` URL: a Redis Cluster (redis-py's client);
 * ``memory://`` or ``memory://NAME``: an in-process store for tests (not shared between processes).
 
 Passwords never leave this module unredacted except to the Redis client itself.
