@@ -89,7 +89,7 @@ def _on_revoked(request: Any = None, terminated: bool = False, **kwargs: Any) ->
     sup = current_supervisor()
     task_id = getattr(request, "id", None) or getattr(request, "task_id", None)
     if sup is not None and task_id:
-        sup.release_task(task_id, "revoked")
+        sup.release_task(task_id, "revoked", if_exited=True)
     try:
         _release_enqueue_lock(request, kwargs.get("sender"))
     except Exception:  # never let a release error break the worker's revoke handling
@@ -100,11 +100,16 @@ def _release_enqueue_lock(request: Any, sender: Any) -> None:
     """A task revoked before it started still holds its enqueue-time lock: release it."""
     from .task import TOKEN_HEADER, LockedTask
 
-    task = sender if isinstance(sender, LockedTask) else _task(getattr(request, "name", ""))
+    name = getattr(request, "name", None) or getattr(request, "task", None) or ""
+    task = sender if isinstance(sender, LockedTask) else _task(name)
     if not isinstance(task, LockedTask) or task.lock_options.mode == "while_executing":
         return
-    headers = getattr(request, "request_dict", None) or {}
-    token = headers.get(TOKEN_HEADER) or (headers.get("headers") or {}).get(TOKEN_HEADER)
+    # task_revoked sends the task's Context, whose attributes are the message headers; a
+    # worker Request keeps them in request_dict.
+    token = getattr(request, TOKEN_HEADER, None)
+    if not token:
+        headers = getattr(request, "request_dict", None) or {}
+        token = headers.get(TOKEN_HEADER) or (headers.get("headers") or {}).get(TOKEN_HEADER)
     if not token:
         return
     key = task.lock_key_for(*(request.args or ()), **(request.kwargs or {}))
@@ -119,7 +124,7 @@ def _on_failure(task_id: str | None = None, exception: BaseException | None = No
     if sup is None or not task_id:
         return
     if isinstance(exception, TimeLimitExceeded):
-        sup.release_task(task_id, "time_limit")
+        sup.release_task(task_id, "time_limit", if_exited=True)
     elif isinstance(exception, WorkerLostError):
         sup.release_task(task_id, "worker_lost")
 

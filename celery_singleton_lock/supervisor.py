@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import events
 from .lease import Lease
 from .renewer import get_renewer
 from .store import Store
@@ -139,6 +140,7 @@ class Supervisor:
             if item is not None:
                 item[0].released = True
                 get_renewer().remove(item[0])
+                events.child_released(item[0], {**item[1], **msg})
 
     def _lost(self, lease: Lease, msg: dict[str, Any]) -> None:
         with self._mutex:
@@ -147,10 +149,20 @@ class Supervisor:
 
     # -- endings seen only here ------------------------------------------------------------
 
-    def release_task(self, task_id: str, reason: str) -> int:
-        """Release every lock held for ``task_id`` (revoke, time limit, lost child)."""
+    def release_task(self, task_id: str, reason: str, *, if_exited: bool = False) -> int:
+        """Release every lock held for ``task_id`` (revoke, time limit, lost child).
+
+        With ``if_exited``, the locks of a child that is still alive are left alone: its body
+        may still run (``revoke(terminate=True, signal="SIGUSR1")`` raises
+        SoftTimeLimitExceeded in it; a hard time limit kills the child only after this
+        call), so they go when the child reports its release or :meth:`reap` sees it gone.
+        """
         with self._mutex:
-            items = [(k, v) for k, v in self.held.items() if v[1].get("task_id") == task_id]
+            items = [
+                (k, v) for k, v in self.held.items()
+                if v[1].get("task_id") == task_id
+                and not (if_exited and _pid_alive(int(v[1].get("pid", 0))))
+            ]
             for k, _ in items:
                 self.held.pop(k, None)
         for _, (lease, msg) in items:

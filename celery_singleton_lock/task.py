@@ -130,6 +130,9 @@ class LockedTask(Task):
         from . import hooks
 
         hooks.install()
+        from . import bootstep
+
+        bootstep.install(app)
         cls._lock_cache = {}
         if cls.__dict__.get("name") or cls.__dict__.get("run"):
             cls._validate_lock_options(app)
@@ -294,6 +297,9 @@ class LockedTask(Task):
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> None:
         policy = opts.on_backend_error
+        from . import events
+
+        events.backend_error(self, key, req.id, policy, exc)
         if policy == "run":
             logger.warning("running %s[%s] without its lock %s: %s", self.name, req.id, key, exc)
             return None
@@ -368,7 +374,7 @@ class LockedTask(Task):
             return
         try:
             self.send_event("task-revoked", terminated=False, signum=None, expired=False,
-                            reason=reason)
+                            reason=reason, exception=f"DuplicateTaskError({reason!r})")
         except Exception:
             logger.debug("cannot send task-revoked event for %s", req.id, exc_info=True)
 
@@ -399,20 +405,21 @@ class LockedTask(Task):
         if held.options.on_lost == "abort":
             _raise_in_thread(held.thread_id, LockLostError)
 
-    def _stop_renewal(self, held: _Held) -> None:
+    def _stop_renewal(self, held: _Held, reason: str | None = None) -> None:
         """Stop renewing ``held`` here or in the worker main process (before it changes hands)."""
         global _child_current
         if _child_current is held:
             _child_current = None
             reporter = current_reporter()
             if reporter is not None:
-                reporter.send(op="releasing", key=held.lease.key, token=held.lease.token)
+                reporter.send(op="releasing", key=held.lease.key, token=held.lease.token,
+                              reason=reason)
         get_renewer().remove(held.lease)
 
     def _let_go(self, held: _Held, req: Any, reason: str) -> None:
         lease = held.lease
         try:
-            self._stop_renewal(held)
+            self._stop_renewal(held, reason)
             if held.kept:  # until_executed retry: the lock went back to the queued message
                 return
             released = lease.release()
