@@ -399,3 +399,11 @@ def install() -> None:
     signals.lock_released.connect(_on_released, weak=False)
     signals.lock_lost.connect(_on_lost, weak=False)
     celery_signals.worker_shutdown.connect(_flush_on_shutdown, weak=False)
+    celery_signals.worker_ready.connect(_refresh_when_ready, weak=False)
+
+
+def _refresh_when_ready(**kwargs: Any) -> None:
+    """The consumer has its event dispatcher now: set the switch before the first task."""
+    state = _in_worker_main()
+    if state is not None:
+        state.refresh()

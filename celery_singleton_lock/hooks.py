@@ -73,10 +73,31 @@ def _main_released(lease: Lease, msg: dict[str, Any], reason: str) -> None:
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     global _app
     _app = getattr(sender, "app", None)
+    if _app is not None:
+        hide_lock_url_password(_app)
     try:
         start_supervisor(_store_for, _main_lost, _main_released)
     except OSError:
         logger.exception("cannot start the lock supervisor; children will renew their own locks")
+
+
+def hide_lock_url_password(app: Any) -> None:
+    """Keep ``singleton_lock_url`` as its parsed, self-redacting form in the worker.
+
+    Celery's ``inspect conf`` (and so Flower's ``/api/workers``) censors only settings named
+    like API/TOKEN/KEY/SECRET/PASS and the broker and backend URLs; a plain string setting
+    would show its password. A :class:`~celery_singleton_lock.urls.StoreURL` is not a string:
+    Celery prints its repr, which is redacted, and every reader of the setting accepts it.
+    """
+    from .urls import StoreURL, parse_store_url
+
+    value = app.conf.get("singleton_lock_url")
+    if value is None or isinstance(value, StoreURL):
+        return
+    try:
+        app.conf.singleton_lock_url = parse_store_url(value, setting="singleton_lock_url")
+    except Exception:  # a bad value is reported where it is used, naming the setting
+        logger.debug("singleton_lock_url left as set", exc_info=True)
 
 
 def _on_child_init(**kwargs: Any) -> None:

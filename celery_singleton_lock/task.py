@@ -142,6 +142,8 @@ class LockedTask(Task):
         name = cls.name or cls.__name__
         try:
             resolve_options(cls, app)
+            if app.conf.get("singleton_lock_url") is not None:
+                resolve_store_url(app)  # an unparseable URL fails here, naming the setting
             validate_lock_key_option(cls.lock_key, run_signature(cls), task_name=name)
         except LockConfigError as exc:
             raise LockConfigError(f"task {name}: {exc}", setting=exc.setting,

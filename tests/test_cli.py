@@ -497,15 +497,12 @@ def test_password_absent_from_cli_stats_events_and_logs(
     assert {"task-lock-acquired", "task-lock-duplicate", "task-lock-released"} <= types
     outputs.add("events", json.dumps(capture.events))
     outputs.add("worker log", worker.log_text())
-    assert len(outputs.texts) > 20
+    assert len(outputs.texts) >= 15  # 6 CLI calls x (stdout, stderr), stats, events, log
     leaks = [what for what, text in outputs.texts if PASSWORD in text]
     assert leaks == []
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Celery's `inspect conf` censors settings named like "
-                   "API/TOKEN/KEY/SECRET/PASS and the broker and backend URLs only, so it shows "
-                   "singleton_lock_url as set")
 def test_inspect_conf_hides_the_lock_url_password(app: Celery, worker: CeleryWorker) -> None:
     replies = app.control.inspect(timeout=2.0, destination=[worker.hostname]).conf()
     assert PASSWORD not in json.dumps(replies)

@@ -4,8 +4,8 @@ Flower listens on a loopback port with ``FLOWER_UNAUTHENTICATED_API=1`` (tests o
 must show without being patched: the worker's held locks in ``/api/workers`` and on the worker
 page, the lock collector's series and the ``task-lock-*`` event counts in ``/metrics``, and a
 rejected duplicate as REVOKED with its reason in ``/api/task/info``. The lock store has a
-password, which no Flower output may show (but see the xfail in ``test_cli.py``: Celery's own
-``inspect conf`` shows the setting as set).
+password, which no Flower output may show (Celery's own ``inspect conf`` shows the setting in
+its parsed, redacted form).
 """
 
 from __future__ import annotations
