@@ -1,0 +1,609 @@
+#!/usr/bin/env python
+"""End-to-end tasks per second through one real prefork worker: ``LockedTask`` beside peers.
+
+Contenders, each a no-op task body (``return i``) with distinct arguments, so no lock is ever
+contended: plain Celery ``Task``, celery-singleton's ``Singleton``, celery-once's ``QueueOnce``
+and this package's ``LockedTask`` (``while_executing``, the default mode).
+
+The script starts its own ``redis-server`` processes (one for the broker and the result
+backend, one for every contender's locks) and one ``celery worker -P prefork -c 2`` of this
+very module, and stops them all at the end, also on an error or Ctrl-C.
+
+Method, per contender and round:
+
+1. the worker consumes nothing (it listens on an idle queue only); ``--tasks`` messages with
+   distinct arguments are published to the ``bench`` queue (publishing is not timed here: see
+   ``bench_publish.py``; the peers take their lock at this point);
+2. ``add_consumer("bench")`` lets the worker drain the queue; the script waits until every
+   result is stored, then ``cancel_consumer``;
+3. the rate is ``(N - 1) / (last date_done - first date_done)``, from the result backend's own
+   timestamps: the worker's steady-state throughput (fetch, lock, body, release, result
+   store), without the consumer's start-up lag or the polling granularity. The wall time from
+   ``add_consumer`` to the last result is printed beside it; it includes up to about a second
+   before the worker's Redis consumer (a ``BRPOP`` with a one-second timeout) first polls the
+   new queue, so it swings from round to round.
+
+Every contender is warmed up first (pool children import, connect and load scripts), then the
+timed rounds are interleaved across contenders (the starting contender rotates each round) and
+the median round is reported. Round trips to the lock server per task (while publishing, and
+from the worker) are counted in a separate, untimed pass with ``MONITOR``, which tells the
+commands clients send from those a Lua script runs; ``INFO commandstats`` of the timed rounds
+(reset before each publish) is printed beside them. A contender whose library is missing or
+fails shows ``n/a`` with the reason.
+
+Usage::
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/bench_tasks.py [--tasks 2000] [--rounds 5] [--count 200]
+                                     [--only LockedTask,celery-once] [--json out.json]
+
+The Markdown table goes to stdout, progress to stderr. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+for _path in (str(REPO_ROOT), str(HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import redis  # noqa: E402
+from celery import Celery  # noqa: E402
+
+from celery_singleton_lock import LockedTask  # noqa: E402
+
+#: Environment the worker reads its URLs from (set by this script).
+ENV_BROKER, ENV_BACKEND, ENV_LOCKS = "CSL_BENCH_BROKER", "CSL_BENCH_BACKEND", "CSL_BENCH_LOCKS"
+#: The queue the measured tasks go to, and the one the worker idles on between rounds.
+QUEUE, IDLE_QUEUE = "bench", "bench-idle"
+DEFAULT_TASKS = 2000
+DEFAULT_ROUNDS = 5
+DEFAULT_WARMUP = 200
+#: Tasks per contender in the MONITOR pass that counts round trips.
+DEFAULT_COUNT = 200
+#: Issue targets, printed for context only.
+TARGET_LOCKED_VS_PLAIN = 0.90
+PEERS_MEASURED_ELSEWHERE = {"celery-singleton": 0.74, "celery-once": 0.75}
+#: Commands of the measuring script itself, left out of the lock command counts.
+_OWN_COMMANDS = {"info", "config", "flushall", "flushdb", "ping", "client", "hello"}
+
+
+# --------------------------------------------------------------------------------------------
+# The Celery app (imported by the worker as the module ``bench_tasks``)
+
+
+def make_app() -> Celery:
+    app = Celery("csl_bench")
+    locks = os.environ.get(ENV_LOCKS)
+    app.conf.update(
+        broker_url=os.environ.get(ENV_BROKER),
+        result_backend=os.environ.get(ENV_BACKEND),
+        singleton_lock_url=locks,
+        # celery-singleton and celery-once keep their locks on the same lock server.
+        singleton_backend_url=locks,
+        ONCE={"backend": "celery_once.backends.Redis",
+              "settings": {"url": locks or "redis://", "default_timeout": 3600}},
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=None,
+        worker_redirect_stdouts=False,
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+app = make_app()
+
+#: Contender name -> registered task name (or the reason it is unavailable).
+TASKS: dict[str, str] = {}
+UNAVAILABLE: dict[str, str] = {}
+
+
+@app.task(name="bench.plain")
+def plain_task(i: int) -> int:
+    return i
+
+
+TASKS["plain Task"] = "bench.plain"
+
+
+@app.task(base=LockedTask, name="bench.locked")
+def locked_task(i: int) -> int:
+    return i
+
+
+TASKS["LockedTask"] = "bench.locked"
+
+
+@app.task(base=LockedTask, name="bench.locked_until_executed", lock_mode="until_executed")
+def locked_until_executed(i: int) -> int:
+    return i
+
+
+try:
+    from celery_singleton import Singleton
+
+    @app.task(base=Singleton, name="bench.singleton")
+    def singleton_task(i: int) -> int:
+        return i
+
+    TASKS["celery-singleton"] = "bench.singleton"
+except Exception as exc:  # the table shows why
+    UNAVAILABLE["celery-singleton"] = f"{type(exc).__name__}: {exc}"
+
+try:
+    from celery_once import QueueOnce
+
+    @app.task(base=QueueOnce, name="bench.once")
+    def once_task(i: int) -> int:
+        return i
+
+    TASKS["celery-once"] = "bench.once"
+except Exception as exc:  # the table shows why
+    UNAVAILABLE["celery-once"] = f"{type(exc).__name__}: {exc}"
+
+#: Table order.
+ORDER = ("plain Task", "celery-singleton", "celery-once", "LockedTask")
+
+
+# --------------------------------------------------------------------------------------------
+# Servers and the worker
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def servers(count: int) -> Iterator[list[Any]]:
+    """``count`` fresh ``redis-server`` processes (the test suite's launcher), closed at exit."""
+    from tests.servers import RedisServer
+
+    started: list[Any] = []
+    try:
+        for _ in range(count):
+            started.append(RedisServer().start())
+        yield started
+    finally:
+        for server in started:
+            with contextlib.suppress(Exception):
+                server.close()
+
+
+def configure(broker_url: str, backend_url: str, lock_url: str) -> None:
+    """Point this process's app at the servers and export the URLs for the worker."""
+    os.environ.update({ENV_BROKER: broker_url, ENV_BACKEND: backend_url, ENV_LOCKS: lock_url})
+    app.conf.update(broker_url=broker_url, result_backend=backend_url,
+                    singleton_lock_url=lock_url, singleton_backend_url=lock_url,
+                    ONCE={"backend": "celery_once.backends.Redis",
+                          "settings": {"url": lock_url, "default_timeout": 3600}})
+
+
+try:  # looked up here, not in the forked child
+    _prctl: Any = ctypes.CDLL(None).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent() -> None:  # runs in the forked child, before exec
+    """Linux: SIGTERM the worker if this script dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
+    if _prctl is not None:
+        _prctl(1, 15, 0, 0, 0)
+
+
+class Worker:
+    """``celery -A bench_tasks worker -P prefork -c N`` in its own process group."""
+
+    def __init__(self, concurrency: int, app_module: str = "bench_tasks") -> None:
+        self.hostname = f"bench-{os.getpid()}@localhost"
+        self.concurrency = concurrency
+        self.app_module = app_module
+        self._dir = tempfile.mkdtemp(prefix="csl-bench-worker-")
+        self.log_path = Path(self._dir) / "worker.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60.0) -> Worker:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(HERE), str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+        argv = [sys.executable, "-m", "celery", "-A", self.app_module, "worker", "-P", "prefork",
+                "-c", str(self.concurrency), "-n", self.hostname, "-Q", IDLE_QUEUE,
+                "--loglevel=WARNING", "--without-gossip", "--without-mingle",
+                "--without-heartbeat"]
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(argv, cwd=str(HERE), env=env, stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout_s
+        while not app.control.ping(destination=[self.hostname], timeout=0.5):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start:\n{self.log_tail()}")
+        return self
+
+    def consume(self, queue: str) -> None:
+        if not app.control.add_consumer(queue, destination=[self.hostname], reply=True,
+                                        timeout=5):
+            raise RuntimeError(f"the worker did not start consuming {queue}")
+
+    def stop_consuming(self, queue: str) -> None:
+        app.control.cancel_consumer(queue, destination=[self.hostname], reply=True, timeout=5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 15)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
+                proc.wait(5)
+        self._proc = None
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """``INFO commandstats`` as {command: calls}, without this script's own commands."""
+    stats = client.info("commandstats")
+    calls = {}
+    for name, value in stats.items():
+        command = name.removeprefix("cmdstat_")
+        if command.split("|")[0] not in _OWN_COMMANDS:
+            calls[command] = int(value["calls"])
+    return calls
+
+
+class RoundTrips:
+    """Counts, with ``MONITOR``, the commands clients send to the lock server: round trips.
+
+    ``INFO commandstats`` also counts the commands a Lua script runs, so it cannot tell one
+    EVALSHA running six commands from six round trips; ``MONITOR`` marks those ``lua``. It
+    slows the server down, so it only runs in a separate counting pass, never while timing.
+    """
+
+    MARK = "csl-bench-mark"
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self._marker = redis.Redis.from_url(url)
+        self._monitor: Any = None
+        self._direct: Counter[str] = Counter()
+        self._seen: set[str] = set()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+
+    def __enter__(self) -> RoundTrips:
+        self._monitor = self._client.monitor().__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(Exception):
+            self._monitor.connection.disconnect()
+        self._thread.join(5)
+        self._client.close()
+        self._marker.close()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                command = self._monitor.next_command()
+            except Exception:  # the connection was closed: done
+                return
+            words = command["command"].split()
+            name = words[0].lower() if words else ""
+            with self._cond:
+                if name == "echo" and len(words) == 3 and words[1] == self.MARK:
+                    self._seen.add(words[2])
+                    self._cond.notify_all()
+                elif command["client_type"] != "lua" and name not in _OWN_COMMANDS:
+                    self._direct[name] += 1
+
+    def take(self, timeout_s: float = 30.0) -> dict[str, int]:
+        """The commands sent since the last ``take()`` (waits until MONITOR has caught up)."""
+        mark = uuid.uuid4().hex
+        self._marker.echo(f"{self.MARK} {mark}")
+        with self._cond:
+            if not self._cond.wait_for(lambda: mark in self._seen, timeout_s):
+                raise RuntimeError("MONITOR did not catch up")
+            counts, self._direct = dict(self._direct), Counter()
+        return counts
+
+
+def _per_task(calls: dict[str, int], n: int) -> float:
+    return sum(calls.values()) / n
+
+
+@dataclass
+class Round:
+    """One timed pass of one contender."""
+
+    #: Tasks per second from the result backend's ``date_done`` (first to last).
+    rate: float
+    #: Seconds from ``add_consumer`` to the last stored result.
+    wall_s: float
+    #: ``INFO commandstats`` calls on the lock server while publishing / while the worker ran
+    #: (commands run inside Lua scripts included).
+    publish_stats: dict[str, int]
+    worker_stats: dict[str, int]
+
+
+@dataclass
+class Result:
+    name: str
+    rounds: list[Round] = field(default_factory=list)
+    #: Round trips to the lock server per phase, from the MONITOR counting pass.
+    trips: dict[str, dict[str, int]] = field(default_factory=dict)
+    trips_tasks: int = 0
+    error: str | None = None
+
+    def median(self) -> Round | None:
+        if not self.rounds:
+            return None
+        ordered = sorted(self.rounds, key=lambda r: r.rate)
+        return ordered[len(ordered) // 2]
+
+
+class Bench:
+    """Publishes, drains and measures batches of one contender's task through the worker."""
+
+    def __init__(self, worker: Worker, backend: redis.Redis, locks: redis.Redis) -> None:
+        self.worker = worker
+        self.backend = backend
+        self.locks = locks
+        self._next_arg = 0
+
+    def _args(self, n: int) -> range:
+        start = self._next_arg
+        self._next_arg += n
+        return range(start, start + n)
+
+    def run(self, task_name: str, n: int, trips: RoundTrips | None = None,
+            timeout_s: float = 300.0) -> tuple[Round, dict[str, dict[str, int]]]:
+        task = app.tasks[task_name]
+        self.backend.flushdb()
+        self.locks.config_resetstat()
+        if trips is not None:
+            trips.take()
+        ids = []
+        for i in self._args(n):
+            result = task.apply_async((i,), queue=QUEUE)
+            if result is None or not getattr(result, "id", None):
+                raise RuntimeError(f"{task_name} did not queue task {i}")
+            ids.append(result.id)
+        if len(set(ids)) != n:
+            raise RuntimeError(f"{task_name}: {n - len(set(ids))} publishes were deduplicated")
+        publish_stats = command_calls(self.locks)
+        counted = {"publish": trips.take()} if trips is not None else {}
+        self.locks.config_resetstat()
+        started = time.time()
+        self.worker.consume(QUEUE)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while self.backend.dbsize() < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{task_name}: only {self.backend.dbsize()} of {n} "
+                                       f"results after {timeout_s:.0f}s\n{self.worker.log_tail()}")
+                time.sleep(0.005)
+            wall_s = time.time() - started
+        finally:
+            self.worker.stop_consuming(QUEUE)
+        worker_stats = command_calls(self.locks)
+        if trips is not None:
+            counted["worker"] = trips.take()
+        return Round(self._rate(ids, task_name), wall_s, publish_stats, worker_stats), counted
+
+    def _rate(self, ids: Sequence[str], task_name: str) -> float:
+        done: list[float] = []
+        for start in range(0, len(ids), 500):
+            keys = [f"celery-task-meta-{tid}" for tid in ids[start:start + 500]]
+            for raw in self.backend.mget(keys):
+                meta = json.loads(raw)
+                if meta["status"] != "SUCCESS":
+                    raise RuntimeError(f"{task_name}: a task ended {meta['status']}: {meta}")
+                done.append(datetime.fromisoformat(meta["date_done"]).timestamp())
+        span = max(done) - min(done)
+        return (len(done) - 1) / span if span > 0 else float("inf")
+
+
+def measure(bench: Bench, lock_url: str, names: Sequence[str], *, tasks: int, rounds: int,
+            warmup: int, count_tasks: int) -> dict[str, Result]:
+    results = {name: Result(name) for name in names}
+    for name, reason in UNAVAILABLE.items():
+        if name in results:
+            results[name].error = reason
+    live = [name for name in names if results[name].error is None]
+
+    def attempt(name: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:
+            results[name].error = f"{type(exc).__name__}: {exc}"
+            live.remove(name)
+
+    for name in list(live):
+        say(f"warm-up: {name}")
+        attempt(name, lambda name=name: bench.run(TASKS[name], warmup) and None)
+    for r in range(rounds):
+        shift = r % len(live) if live else 0
+        for name in live[shift:] + live[:shift]:
+
+            def timed(name: str = name, r: int = r) -> None:
+                one, _ = bench.run(TASKS[name], tasks)
+                results[name].rounds.append(one)
+                say(f"round {r + 1}/{rounds} {name}: {one.rate:,.0f} tasks/s "
+                    f"(wall {tasks / one.wall_s:,.0f}/s)")
+
+            attempt(name, timed)
+    if count_tasks:
+        with RoundTrips(lock_url) as trips:
+            for name in list(live):
+                say(f"counting round trips (MONITOR): {name}")
+
+                def count(name: str = name) -> None:
+                    _, counted = bench.run(TASKS[name], count_tasks, trips=trips)
+                    results[name].trips, results[name].trips_tasks = counted, count_tasks
+
+                attempt(name, count)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _trips(result: Result, phase: str) -> str:
+    if not result.trips_tasks:
+        return "n/a"
+    return f"{_per_task(result.trips.get(phase, {}), result.trips_tasks):.2f}"
+
+
+def table(results: dict[str, Result], tasks: int) -> str:
+    base = results["plain Task"].median()
+    lines = [
+        "| task base class | tasks/s (worker) | vs plain Task | tasks/s (wall) "
+        "| lock round trips/task: publish | lock round trips/task: worker |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ORDER:
+        result = results.get(name)
+        if result is None:
+            continue
+        best = result.median()
+        if best is None:
+            lines.append(f"| {name} | n/a ({result.error}) | n/a | n/a | n/a | n/a |")
+            continue
+        ratio = f"{best.rate / base.rate:.2f}x" if base is not None else "n/a"
+        lines.append(
+            f"| {name} | {best.rate:,.0f} | {ratio} | {tasks / best.wall_s:,.0f} "
+            f"| {_trips(result, 'publish')} | {_trips(result, 'worker')} |"
+        )
+    return "\n".join(lines)
+
+
+def commands_detail(results: dict[str, Result], tasks: int) -> str:
+    lines = ["| task base class | round trips per task (MONITOR) | INFO commandstats per task "
+             "(Lua-run commands included) |",
+             "| --- | --- | --- |"]
+    for name in ORDER:
+        result = results.get(name)
+        best = result.median() if result is not None else None
+        if result is None or best is None:
+            continue
+        merged: Counter[str] = Counter()
+        for calls in (best.publish_stats, best.worker_stats):
+            merged.update(calls)
+        stats = ", ".join(f"{c} {n / tasks:.2f}" for c, n in sorted(merged.items())) or "none"
+        sent: Counter[str] = Counter()
+        for calls in result.trips.values():
+            sent.update(calls)
+        per = max(1, result.trips_tasks)
+        trips = ", ".join(f"{c} {n / per:.2f}" for c, n in sorted(sent.items())) or "none"
+        lines.append(f"| {name} | {trips} | {stats} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS,
+                        help="tasks per contender and round (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
+    parser.add_argument("--count", type=int, default=DEFAULT_COUNT,
+                        help="tasks of the MONITOR pass counting round trips (0: skip)")
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--only", help="comma-separated contenders (plain Task is always kept)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers and the worker are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    names = [name for name in ORDER if name in TASKS or name in UNAVAILABLE]
+    if args.only:
+        wanted = {"plain Task", *(n.strip() for n in args.only.split(","))}
+        names = [name for name in names if name in wanted]
+    with servers(2) as (main_server, lock_server):
+        base = main_server.url.rsplit("/", 1)[0]
+        configure(f"{base}/0", f"{base}/1", lock_server.url)
+        backend = redis.Redis.from_url(f"{base}/1")
+        locks = redis.Redis.from_url(lock_server.url)
+        server_version = locks.info("server")["redis_version"]
+        worker = Worker(args.concurrency)
+        try:
+            worker.start()
+            say(f"worker {worker.hostname} ready; {args.tasks} tasks x {args.rounds} rounds")
+            results = measure(Bench(worker, backend, locks), lock_server.url, names,
+                              tasks=args.tasks, rounds=args.rounds, warmup=args.warmup,
+                              count_tasks=args.count)
+        finally:
+            worker.close()
+            backend.close()
+            locks.close()
+
+    print(f"### Tasks through one prefork worker (-c {args.concurrency}): {args.tasks} distinct "
+          f"no-op tasks per round, median of {args.rounds} rounds\n")
+    print(table(results, args.tasks))
+    print()
+    print(commands_detail(results, args.tasks))
+    locked = results["LockedTask"].median() if "LockedTask" in results else None
+    plain = results["plain Task"].median()
+    if locked is not None and plain is not None:
+        evalsha = locked.worker_stats.get("evalsha", 0) + locked.publish_stats.get("evalsha", 0)
+        print(f"\nLockedTask / plain Task: {locked.rate / plain.rate:.2f}x (target >= "
+              f"{TARGET_LOCKED_VS_PLAIN:.2f}x); EVALSHA calls per task (INFO commandstats): "
+              f"{evalsha / args.tasks:.2f} (expected 2). Peers measured elsewhere: "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in PEERS_MEASURED_ELSEWHERE.items()) + ".")
+    print(f"\nPython {platform.python_version()}, celery {version('celery')}, redis-py "
+          f"{version('redis')}, redis-server {server_version}, celery-singleton "
+          f"{version('celery-singleton')}, celery_once {version('celery_once')}, "
+          f"{os.cpu_count()} CPUs.")
+    if args.json:
+        payload = {name: {"error": r.error, "trips": r.trips, "trips_tasks": r.trips_tasks,
+                          "rounds": [vars(x) for x in r.rounds]} for name, r in results.items()}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
