@@ -32,6 +32,8 @@ __all__ = ["Renewer", "get_renewer"]
 
 logger = logging.getLogger("celery_singleton_lock.renewer")
 
+#: Longest the thread sleeps, in seconds; adding a lease due later wakes nothing.
+IDLE_WAKE_S = 1.0
 #: Retry interval after a renewal that could not reach a quorum, in seconds.
 RETRY_INTERVAL_S = 0.25
 
@@ -103,7 +105,8 @@ class Renewer:
         times = [lease.next_renewal for lease in self._leases.values()]
         if any(s._cleanup for s in self._cleanup_stores.values()):
             times.append(now + RETRY_INTERVAL_S)
-        return min(times) - now if times else 60.0
+        # Idle, wake every second: a new lease due later than that needs no notification.
+        return min(min(times) - now, IDLE_WAKE_S) if times else IDLE_WAKE_S
 
     def _run(self) -> None:
         while True:

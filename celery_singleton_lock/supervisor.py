@@ -18,13 +18,17 @@ a normal release for a lost lock.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import select
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from . import events
@@ -38,6 +42,11 @@ logger = logging.getLogger("celery_singleton_lock.supervisor")
 
 #: How often the main process checks that the children holding locks are alive, seconds.
 REAP_INTERVAL_S = 0.2
+#: How long the main process lets children's reports gather before handling them, seconds.
+BATCH_WINDOW_S = 0.05
+
+#: Stands in for a store where a lease is only described (an event), never renewed or released.
+_NO_STORE: Any = SimpleNamespace(clock=time.monotonic)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -77,6 +86,8 @@ class Supervisor:
         #: (key, token) -> (lease, the child's report)
         self.held: dict[tuple[str, str], tuple[Lease, dict[str, Any]]] = {}
         self._stopped = False
+        self._wake = threading.Event()
+        self._drain_mutex = threading.Lock()
         self._thread = threading.Thread(
             target=self._loop, name="celery-singleton-lock-supervisor", daemon=True
         )
@@ -85,36 +96,71 @@ class Supervisor:
     # -- messages -------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        next_reap = time.monotonic() + REAP_INTERVAL_S
         while not self._stopped:
             try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                data = b""
-            except OSError:
+                ready, _, _ = select.select([self.sock], [], [],
+                                            max(0.0, next_reap - time.monotonic()))
+            except (OSError, ValueError):
                 if self._stopped:
                     return
                 logger.exception("lock supervisor socket failed")
                 continue
             try:
-                if data:
-                    self.handle(json.loads(data))
-                self.reap()
+                if ready:
+                    # Let a window's reports gather, then handle them as one batch: a lock
+                    # taken and given back within the window is never adopted at all.
+                    self._wake.wait(BATCH_WINDOW_S)
+                    self.drain()
+                if time.monotonic() >= next_reap:
+                    self.reap()
+                    next_reap = time.monotonic() + REAP_INTERVAL_S
             except Exception:
                 logger.exception("lock supervisor failed on a message")
 
     def drain(self) -> None:
-        """Handle every message already queued (before declaring a lock lost)."""
+        """Handle every report already queued (also before declaring a lock lost)."""
+        messages: list[dict[str, Any]] = []
         while True:
             try:
                 data = self.sock.recv(65536, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
-                return
+                break
             try:
-                self.handle(json.loads(data))
+                messages.append(json.loads(data))
+            except ValueError:
+                logger.warning("lock supervisor dropped an unreadable report")
+        with self._drain_mutex:
+            self._handle_batch(messages)
+
+    def _handle_batch(self, messages: list[dict[str, Any]]) -> None:
+        given_back = {(m["key"], m["token"]) for m in messages if m.get("op") == "releasing"}
+        for msg in messages:
+            try:
+                ident = (msg["key"], msg["token"])
+                if msg.get("op") == "acquired" and ident in given_back:
+                    # Taken and released before we saw it: nothing to renew or release.
+                    if events.enabled():
+                        events.child_released(self._lease(msg, None), msg)
+                    continue
+                if msg.get("op") == "releasing" and ident not in self.held:
+                    if events.enabled():
+                        acquired = next((m for m in messages if m.get("op") == "acquired"
+                                         and (m["key"], m["token"]) == ident), None)
+                        if acquired is not None:
+                            events.child_released(self._lease(acquired, None),
+                                                  {**acquired, **msg})
+                    continue
+                self.handle(msg)
             except Exception:
                 logger.exception("lock supervisor failed on a message")
+
+    def _lease(self, msg: dict[str, Any], store: Store | None) -> Lease:
+        return Lease(store or _NO_STORE, msg["key"], msg["token"], float(msg["ttl"]),
+                     fencing_token=int(msg.get("fence", 0)), owner=msg.get("task_id", ""),
+                     task_name=msg.get("task", ""))
 
     def handle(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
@@ -125,12 +171,10 @@ class Supervisor:
                 logger.warning("no lock store for task %s; cannot renew %s", msg.get("task"),
                                msg["key"])
                 return
-            lease = Lease(store, msg["key"], msg["token"], float(msg["ttl"]),
-                          fencing_token=int(msg.get("fence", 0)), owner=msg.get("task_id", ""),
-                          task_name=msg.get("task", ""))
+            lease = self._lease(msg, store)
             lease.renewals = int(msg.get("renewals", 0))
-            lease.before_lost = self.drain  # type: ignore[attr-defined]
-            lease.on_lost(lambda le, m=msg: self._lost(le, m))
+            lease.before_lost = self.drain
+            lease.on_lost(functools.partial(self._lost, msg=msg))
             with self._mutex:
                 self.held[ident] = (lease, msg)
             get_renewer().add(lease)
@@ -157,6 +201,7 @@ class Supervisor:
         SoftTimeLimitExceeded in it; a hard time limit kills the child only after this
         call), so they go when the child reports its release or :meth:`reap` sees it gone.
         """
+        self.drain()
         with self._mutex:
             items = [
                 (k, v) for k, v in self.held.items()
@@ -190,6 +235,8 @@ class Supervisor:
 
     def stop(self, release: bool = True) -> None:
         self._stopped = True
+        self._wake.set()
+        self.drain()
         if release:
             with self._mutex:
                 items = list(self.held.values())
