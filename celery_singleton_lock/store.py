@@ -115,15 +115,18 @@ def pack_resp(commands: Sequence[Sequence[Any]]) -> bytes:
     for args in commands:
         out.append(b"*%d\r\n" % len(args))
         for arg in args:
-            if isinstance(arg, bytes):
+            kind = type(arg)
+            if kind is str:
+                data = arg.encode()
+            elif kind is bytes:
                 data = arg
-            elif isinstance(arg, str):
-                data = arg.encode("utf-8")
-            elif isinstance(arg, float):
-                data = repr(arg).encode("ascii")
+            elif kind is float:
+                data = repr(arg).encode()
             else:
-                data = str(arg).encode("utf-8")
-            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+                data = str(arg).encode()
+            out.append(b"$%d\r\n" % len(data))
+            out.append(data)
+            out.append(b"\r\n")
     return b"".join(out)
 
 
