@@ -136,8 +136,12 @@ class MemoryNode:
             self._pexpire(key, ttl_ms)
             return [1, int(self._get(fence_key) or 0)]
         current = self._get(fence_key)
-        fence = int(current) + 1 if current is not None else int(time.time() * 1_000_000)
-        self._set(fence_key, str(fence), fence_ttl_ms)
+        if current is None:
+            fence = int(time.time() * 1_000_000)
+            self._set(fence_key, str(fence), fence_ttl_ms)
+        else:  # an increment keeps the counter's expiry, as INCR does
+            fence = int(current) + 1
+            self.data[fence_key] = (str(fence), self.data[fence_key][1])
         meta = {str(args[i]): str(args[i + 1]) for i in range(3, len(args) - 1, 2)}
         self._set(key, {"token": token, **meta}, ttl_ms)
         return [1, fence]
@@ -167,15 +171,15 @@ class MemoryNode:
             self._set(keys[0], str(int(args[0])), int(args[1]))
         return 1
 
-    def _handover(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> int:
+    def _handover(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> list[int]:
         held = self._get(keys[0])
         if held is not None and held["token"] == str(args[0]):
             held["token"] = str(args[1])
             for i in range(3, len(args) - 1, 2):
                 held[str(args[i])] = str(args[i + 1])
             self._pexpire(keys[0], args[2])
-            return 1
-        return 0
+            return [1, int(self._get(keys[1]) or 0)]
+        return [0, 0]
 
     def _beat_claim(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> int:
         leader = self._get(keys[0])

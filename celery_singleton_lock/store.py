@@ -55,8 +55,9 @@ __all__ = [
 
 logger = logging.getLogger("celery_singleton_lock.store")
 
-#: Lifetime of an idle fencing counter. A counter that expired restarts at the server's time in
-#: microseconds, so tokens still grow.
+#: Lifetime of a fencing counter from its start. A counter that expired restarts at the server's
+#: time in microseconds, so tokens still grow (it would take more than one acquisition per
+#: microsecond for a week to overtake the clock).
 FENCE_TTL_MS = 7 * 24 * 3600 * 1000
 
 
@@ -659,14 +660,18 @@ class Store:
         new_token: str,
         ttl_s: float,
         metadata: Sequence[tuple[str, Any]] = (),
-    ) -> bool:
-        """Give a held lock to ``new_token`` atomically on a quorum (never released between)."""
+    ) -> int | None:
+        """Give a held lock to ``new_token`` atomically on a quorum (never released between).
+
+        Returns the lock's fencing token when a quorum handed it over, else None.
+        """
         args: list[Any] = [token, new_token, max(1, int(ttl_s * 1000))]
         for field, value in metadata:
             args.extend((field, value))
-        replies = self.fanout([Call.run("handover", (key,), args)])
-        oks = sum(1 for r in replies if not isinstance(r[0], BaseException) and _as_int(r[0]) == 1)
-        return oks >= self.quorum
+        replies = self.fanout([Call.run("handover", (key, fence_key_for(key)), args)])
+        fences = [_as_int(r[0][1]) for r in replies
+                  if not isinstance(r[0], BaseException) and _as_int(r[0][0]) == 1]
+        return max(fences) if len(fences) >= self.quorum else None
 
     def owned(self, key: str, token: str) -> bool:
         """True when a quorum of masters hold ``key`` with ``token``."""

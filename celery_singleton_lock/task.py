@@ -17,6 +17,7 @@ import random
 import secrets
 import socket
 import threading
+import time
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -157,7 +158,7 @@ class LockedTask(Task):
         opts = cache.get("options")
         if opts is None:
             opts = cache["options"] = resolve_options(self, self.app)
-        return opts  # type: ignore[no-any-return]
+        return opts
 
     @property
     def lock_store(self) -> Store:
@@ -168,13 +169,13 @@ class LockedTask(Task):
             store = get_store(url, socket_timeout=self.lock_options.socket_timeout,
                               setting="singleton_lock_url")
             cache["store"], cache["pid"] = store, os.getpid()
-        return store  # type: ignore[no-any-return]
+        return store
 
     def _cache(self) -> dict[str, Any]:
         cache = self.__dict__.get("_lock_instance_cache")
         if cache is None:
             cache = self.__dict__["_lock_instance_cache"] = {}
-        return cache  # type: ignore[no-any-return]
+        return cache
 
     def lock_key_for(self, *args: Any, **kwargs: Any) -> str:
         """The full Redis key of the lock these arguments take."""
@@ -256,12 +257,13 @@ class LockedTask(Task):
         meta = [("owner", req.id), ("hostname", req.hostname or _HOSTNAME), ("pid", os.getpid()),
                 ("ttl", opts.ttl)]
         try:
-            if not store.handover(key, str(token), new_token, opts.ttl, meta):
-                return None
+            fence = store.handover(key, str(token), new_token, opts.ttl, meta)
         except LockBackendError:
             return None
+        if fence is None:
+            return None
         lease = Lease(store, key, new_token, opts.ttl, started=started, owner=req.id,
-                      task_name=self.name)
+                      task_name=self.name, fencing_token=fence)
         signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id, lease=lease)
         return lease
 
@@ -283,7 +285,8 @@ class LockedTask(Task):
             if not got and opts.on_duplicate == "wait":
                 got = lock.acquire(timeout=opts.wait_timeout)
         except LockBackendError as exc:
-            return self._backend_error(exc, key, opts, req, args, kwargs)
+            self._backend_error(exc, key, opts, req, args, kwargs)
+            return None  # lock_on_backend_error="run": the body runs unlocked
         if got:
             assert lock.lease is not None
             signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id,
@@ -458,27 +461,31 @@ class LockedTask(Task):
     def _enqueue_locked(
         self, opts: LockOptions, args: Any, kwargs: Any, options: dict[str, Any]
     ) -> Any:
-        from .lock import Redlock
-
         key = self.lock_key_for(*(args or ()), **(kwargs or {}))
         task_id = options.get("task_id") or uuid()
         options["task_id"] = task_id
-        lock = Redlock(
-            self.name, store=self.lock_store, key=key,
-            ttl=opts.queued_ttl + _delay_s(options), owner=task_id,
-            metadata={"task": self.name, "mode": opts.mode},
-        )
-        try:
-            got = lock.acquire(blocking=False)
-        except LockBackendError as exc:
+        store = self.lock_store
+        ttl = opts.queued_ttl + _delay_s(options)
+        # The queued lock is not renewed and has no handle here: the store's acquire round
+        # (the one Redlock makes) with the token that travels in the message.
+        token = secrets.token_hex(16)
+        meta = [("owner", task_id), ("task", self.name), ("hostname", _HOSTNAME),
+                ("mode", opts.mode), ("ttl", ttl), ("renewals", 0), ("pid", os.getpid()),
+                ("acquired_at", f"{time.time():.6f}")]
+        attempt = store.acquire(key, token, ttl, meta)
+        if attempt.backend_down:
+            exc = LockBackendError(
+                f"cannot lock {key!r} to enqueue {self.name}: fewer than {store.quorum} of "
+                f"{store.n_masters} masters answered ({'; '.join(attempt.errors)})",
+                lock_key=key, task_name=self.name,
+            )
             if opts.on_backend_error != "run":
-                raise
+                raise exc
             logger.warning("publishing %s[%s] without its enqueue lock: %s", self.name, task_id,
                            exc)
             return super().apply_async(args, kwargs, **options)
-        if not got:
-            attempt = lock.last_attempt
-            holder = attempt.holder if attempt is not None else None
+        if not attempt.acquired:
+            holder = attempt.holder
             signals.lock_duplicate.send(sender=self, lock_key=key, task_id=task_id,
                                         holder_id=holder, policy=opts.on_enqueue_duplicate)
             if opts.on_enqueue_duplicate == "return_existing" and holder:
@@ -487,11 +494,11 @@ class LockedTask(Task):
                 f"task {self.name} not queued: lock {key} is held by task {holder}",
                 key, holder, self.name,
             )
-        options["headers"] = {**(options.get("headers") or {}), TOKEN_HEADER: lock.token}
+        options["headers"] = {**(options.get("headers") or {}), TOKEN_HEADER: token}
         try:
             return super().apply_async(args, kwargs, **options)
         except BaseException:
-            lock.release()
+            store.release(key, token)
             raise
 
     def _retry_keeping_lock(
@@ -505,7 +512,7 @@ class LockedTask(Task):
             lease.key, lease.token, new_token, opts.queued_ttl + _delay_s(options),
             [("pid", os.getpid())],
         )
-        if not kept:
+        if kept is None:
             return super().apply_async(args, kwargs, **options)
         held.kept = True
         options["headers"] = {**(options.get("headers") or {}), TOKEN_HEADER: new_token}
@@ -549,7 +556,9 @@ def _delay_s(options: dict[str, Any]) -> float:
 
 def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
     """Raise ``exc_type`` asynchronously in a thread of this process (like a soft time limit)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
+    )
 
 
 def child_lock_lost_handler(signum: int, frame: Any) -> None:

@@ -5,8 +5,9 @@
 -- ARGV[4..] metadata as field, value pairs written into the lock hash.
 -- Returns {1, fencing token} when acquired (or already held with this token: ttl refreshed),
 -- {0, holder owner id, remaining ttl in ms} when another token holds the lock.
--- A missing counter starts at the server's time in microseconds, so tokens keep growing
--- even after an idle counter expired.
+-- A missing counter starts at the server's time in microseconds and lives ARGV[3] ms from
+-- then (increments keep that expiry), so tokens keep growing after it expires: a counter that
+-- lived 7 days would need more than one acquisition per microsecond to catch up with time.
 local held = redis.call('hget', KEYS[1], 'token')
 if held then
   if held ~= ARGV[1] then
@@ -15,16 +16,13 @@ if held then
   redis.call('pexpire', KEYS[1], ARGV[2])
   return {1, tonumber(redis.call('get', KEYS[2]) or '0')}
 end
-local fence
-if redis.call('exists', KEYS[2]) == 1 then
-  fence = redis.call('incr', KEYS[2])
-else
+local fence = redis.call('incr', KEYS[2])
+if fence == 1 then
   local now = redis.call('time')
   local start = now[1] .. string.format('%06d', tonumber(now[2]))
-  redis.call('set', KEYS[2], start)
+  redis.call('set', KEYS[2], start, 'px', ARGV[3])
   fence = tonumber(start)
 end
-redis.call('pexpire', KEYS[2], ARGV[3])
 redis.call('hset', KEYS[1], 'token', ARGV[1], unpack(ARGV, 4))
 redis.call('pexpire', KEYS[1], ARGV[2])
 return {1, fence}
