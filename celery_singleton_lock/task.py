@@ -469,8 +469,8 @@ class LockedTask(Task):
         # The queued lock is not renewed and has no handle here: the store's acquire round
         # (the one Redlock makes) with the token that travels in the message.
         token = secrets.token_hex(16)
-        meta = [("owner", task_id), ("task", self.name), ("hostname", _HOSTNAME),
-                ("mode", opts.mode), ("ttl", ttl), ("renewals", 0), ("pid", os.getpid()),
+        # No worker holds a queued lock yet: hostname and pid are filled in when one takes it.
+        meta = [("owner", task_id), ("task", self.name), ("mode", opts.mode), ("ttl", ttl),
                 ("acquired_at", f"{time.time():.6f}")]
         attempt = store.acquire(key, token, ttl, meta)
         if attempt.backend_down:

@@ -68,8 +68,9 @@ def main() -> int:
         print(f"using the Redis at {redact_url(url)}")
     env = dict(os.environ, CSL_QUICKSTART_REDIS=url.rstrip("/"))
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "--quiet", "-A", "quickstart", "worker", "--pool", "prefork",
-         "--concurrency", "4", "--loglevel", "WARNING", "--hostname", "quickstart@%h"],
+        [sys.executable, "-m", "celery", "--quiet", "-A", "quickstart", "worker",
+         "--pool", "prefork", "--concurrency", "4", "--loglevel", "WARNING",
+         "--hostname", "quickstart@%h"],
         cwd=Path(__file__).resolve().parent, env=env,
     )
     try:

@@ -1,7 +1,8 @@
 """The public API is exactly what ``__all__`` lists (httpx's test of the same name)."""
 
-import celery_singleton_lock
 from celery.exceptions import TaskRevokedError
+
+import celery_singleton_lock
 
 
 def test_all_lists_exactly_the_public_names():

@@ -18,9 +18,7 @@ from celery.result import AsyncResult
 
 from celery_singleton_lock import DuplicateTaskError
 from tests.apps import dedup
-from tests.apps.common import configure
-from tests.servers import RedisServer
-from tests.workers import CeleryWorker, TaskEnv
+from tests.workers import CeleryWorker, TaskEnv, open_task_env
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +27,8 @@ SENT = 200
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[TaskEnv]:
-    with RedisServer() as lock_server:
-        task_env = TaskEnv("tests.apps.dedup", lock_server.url)
-        configure(dedup.app, task_env.broker_url, task_env.backend_url, lock_server.url)
-        try:
-            yield task_env
-        finally:
-            task_env.close()
+    with open_task_env("tests.apps.dedup", dedup.app) as task_env:
+        yield task_env
 
 
 @pytest.fixture(autouse=True)

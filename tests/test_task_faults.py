@@ -15,9 +15,8 @@ import redis
 
 from celery_singleton_lock import LockLostError
 from tests.apps import faults
-from tests.apps.common import configure
 from tests.servers import RedisServer
-from tests.workers import CeleryWorker, TaskEnv, conf_env
+from tests.workers import CeleryWorker, TaskEnv, conf_env, open_task_env
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +25,8 @@ QUEUE = "faults"
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[TaskEnv]:
-    with RedisServer() as lock_server:
-        task_env = TaskEnv("tests.apps.faults", lock_server.url)
-        configure(faults.app, task_env.broker_url, task_env.backend_url, lock_server.url)
-        try:
-            yield task_env
-        finally:
-            task_env.close()
+    with open_task_env("tests.apps.faults", faults.app) as task_env:
+        yield task_env
 
 
 @pytest.fixture(autouse=True)

@@ -20,9 +20,7 @@ import pytest
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
 from tests.apps import release
-from tests.apps.common import configure
-from tests.servers import RedisServer
-from tests.workers import CeleryWorker, TaskEnv, first_seen, pid_gone, poll_gone
+from tests.workers import CeleryWorker, TaskEnv, first_seen, open_task_env, pid_gone, poll_gone
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +31,8 @@ QUEUE = "release"
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[TaskEnv]:
-    with RedisServer() as lock_server:
-        task_env = TaskEnv("tests.apps.release", lock_server.url)
-        configure(release.app, task_env.broker_url, task_env.backend_url, lock_server.url)
-        try:
-            yield task_env
-        finally:
-            task_env.close()
+    with open_task_env("tests.apps.release", release.app) as task_env:
+        yield task_env
 
 
 @pytest.fixture(autouse=True)

@@ -459,6 +459,20 @@ class TaskEnv:
             self.server.close()
 
 
+@contextlib.contextmanager
+def open_task_env(app_module: str, app: Any) -> Iterator[TaskEnv]:
+    """A :class:`TaskEnv` for ``app_module`` with a lock server of its own; ``app`` points at it."""
+    from tests.apps.common import configure
+
+    with RedisServer() as lock_server:
+        task_env = TaskEnv(app_module, lock_server.url)
+        configure(app, task_env.broker_url, task_env.backend_url, lock_server.url)
+        try:
+            yield task_env
+        finally:
+            task_env.close()
+
+
 def conf_env(**settings: Any) -> dict[str, str]:
     """``env=`` for a worker whose app gets ``settings`` on top of the app module's own."""
     return {"CSL_TEST_CONF": json.dumps(settings)}
