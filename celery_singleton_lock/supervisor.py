@@ -258,10 +258,14 @@ class ChildReporter:
     def __init__(self, path: str) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._connected = False
 
     def send(self, **msg: Any) -> bool:
         try:
-            self.sock.sendto(json.dumps(msg).encode("utf-8"), self.path)
+            if not self._connected:  # connect once: no path lookup on every report
+                self.sock.connect(self.path)
+                self._connected = True
+            self.sock.send(json.dumps(msg).encode("utf-8"))
             return True
         except OSError:
             logger.warning("cannot reach the worker main process at %s", self.path, exc_info=True)
