@@ -119,20 +119,24 @@ class Supervisor:
                 logger.exception("lock supervisor failed on a message")
 
     def drain(self) -> None:
-        """Handle every report already queued (also before declaring a lock lost)."""
-        messages: list[dict[str, Any]] = []
-        while True:
-            try:
-                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break
-            try:
-                messages.append(json.loads(data))
-            except ValueError:
-                logger.warning("lock supervisor dropped an unreadable report")
+        """Handle every report already queued (also before declaring a lock lost).
+
+        One thread at a time reads *and* handles, so a child's "releasing" can never be
+        handled before its "acquired" (the renewer thread drains too).
+        """
         with self._drain_mutex:
+            messages: list[dict[str, Any]] = []
+            while True:
+                try:
+                    data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                try:
+                    messages.append(json.loads(data))
+                except ValueError:
+                    logger.warning("lock supervisor dropped an unreadable report")
             self._handle_batch(messages)
 
     def _handle_batch(self, messages: list[dict[str, Any]]) -> None:
