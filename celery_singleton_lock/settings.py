@@ -78,11 +78,28 @@ _SECONDS = ("lock_ttl", "lock_requeue_delay", "lock_wait_timeout", "lock_queued_
 
 
 def register_defaults(app: Any) -> None:
-    """Add the ``singleton_lock_*`` defaults to ``app`` once."""
+    """Add the ``singleton_lock_*`` defaults to ``app`` once, below every user setting.
+
+    ``app.add_defaults`` would put them *above* a configuration loaded with
+    ``config_from_object`` (Django's ``CELERY_SINGLETON_LOCK_*`` included) and hide it, so the
+    defaults are appended as the last map of the configuration chain instead, once the app is
+    configured.
+    """
     if getattr(app, "_singleton_lock_defaults", False):
         return
-    app.add_defaults(dict(DEFAULTS))
     app._singleton_lock_defaults = True
+    defaults = dict(DEFAULTS)
+
+    def append(conf: Any) -> None:
+        conf.defaults.append(defaults)
+        conf.maps.append(defaults)
+
+    if getattr(app, "configured", False):
+        append(app._conf)
+    else:
+        app.on_after_configure.connect(
+            lambda sender=None, source=None, **kwargs: append(source), weak=False
+        )
 
 
 def check_choice(value: Any, choices: tuple[str, ...], name: str) -> str:
