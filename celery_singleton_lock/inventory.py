@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from .errors import LockBackendError
 from .keys import format_key
-from .store import Call, Store, channel_for, fence_key_for
+from .store import Call, Store, _text, channel_for, fence_key_for
 from .urls import redact_url
 
 __all__ = [
@@ -89,14 +89,6 @@ def task_of_key(prefix: str, key: str) -> str:
     if cut <= 0 or not rest.endswith("}"):
         return ""
     return rest[:cut]
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
 
 
 def _error(exc: BaseException, where: str) -> LockBackendError:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .store import Call, Replies, Store
+from .store import Call, Store, _Done
 
 __all__ = ["MemoryNode", "memory_store", "ManualClock"]
 
@@ -30,14 +30,6 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-class _Done:
-    def __init__(self, replies: Replies) -> None:
-        self.replies = replies
-
-    def receive(self) -> Replies:
-        return self.replies
 
 
 class _PipeSubscription:
@@ -83,9 +75,6 @@ class MemoryNode:
         self.data: dict[str, tuple[Any, float | None]] = {}
         self.subscribers: dict[str, list[_PipeSubscription]] = {}
         self.down = False
-        #: Calls received, by script or command name (what INFO commandstats gives for Redis).
-        self.calls: dict[str, int] = {}
-        self.round_trips = 0
 
     # -- storage with expiry --------------------------------------------------------------
 
@@ -211,15 +200,12 @@ class MemoryNode:
 
     def _run(self, call: Call) -> Any:
         if call.script is None:
-            self.calls[str(call.command[0]).lower()] = self.calls.get(str(call.command[0]), 0) + 1
             return self._plain(call.command)
-        self.calls[call.script] = self.calls.get(call.script, 0) + 1
         handler = getattr(self, f"_{call.script}")
         return handler(call.keys, call.args)
 
     def send(self, calls: Sequence[Call], packed: bytes | None = None) -> _Done:
         with self.mutex:
-            self.round_trips += 1
             if self.down:
                 exc = ConnectionError(f"{self.name} is down")
                 return _Done([exc] * len(calls))

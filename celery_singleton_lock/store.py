@@ -443,6 +443,9 @@ def _as_int(value: Any) -> int:
 
 
 def _text(value: Any) -> str:
+    """A reply as text (``""`` for nil)."""
+    if value is None:
+        return ""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)

@@ -281,9 +281,10 @@ class LockedTask(Task):
             metadata={"task": self.name, "mode": opts.mode, "hostname": req.hostname or _HOSTNAME},
         )
         try:
-            got = lock.acquire(blocking=False)
-            if not got and opts.on_duplicate == "wait":
+            if opts.on_duplicate == "wait":  # tries at once, then sleeps on release notices
                 got = lock.acquire(timeout=opts.wait_timeout)
+            else:
+                got = lock.acquire(blocking=False)
         except LockBackendError as exc:
             self._backend_error(exc, key, opts, req, args, kwargs)
             return None  # lock_on_backend_error="run": the body runs unlocked

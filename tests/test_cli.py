@@ -27,7 +27,7 @@ from celery_singleton_lock.lock import Redlock
 from celery_singleton_lock.store import Store
 from tests.apps import obs_app
 from tests.servers import RedisCluster, RedisServer, free_port, wait_until
-from tests.workers import REPO_ROOT, CeleryWorker, TaskEnv
+from tests.workers import REPO_ROOT, CeleryWorker, TaskEnv, open_task_env
 
 PASSWORD = "lock-pw-Zq8sJ2"
 JSON_FIELDS = {"key", "task", "task_id", "hostname", "pid", "mode", "acquired_at", "ttl",
@@ -84,18 +84,9 @@ def outputs() -> Outputs:
 
 
 @pytest.fixture(scope="module")
-def lock_server() -> Iterator[RedisServer]:
-    with RedisServer(password=PASSWORD) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def env(lock_server: RedisServer) -> Iterator[TaskEnv]:
-    task_env = TaskEnv("tests.apps.obs_app", lock_server.url)
-    try:
+def env() -> Iterator[TaskEnv]:
+    with open_task_env("tests.apps.obs_app", password=PASSWORD) as task_env:
         yield task_env
-    finally:
-        task_env.close()
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +104,10 @@ def worker(env: TaskEnv) -> Iterator[CeleryWorker]:
 
 
 @pytest.fixture
-def cli(env: TaskEnv, lock_server: RedisServer, outputs: Outputs
+def cli(env: TaskEnv, outputs: Outputs
         ) -> Callable[..., subprocess.CompletedProcess[str]]:
     def call(*args: str) -> subprocess.CompletedProcess[str]:
-        proc = run_cli(lock_server.url, *args, broker=env.broker_url, backend=env.backend_url)
+        proc = run_cli(env.lock_url, *args, broker=env.broker_url, backend=env.backend_url)
         outputs.add(f"locks {' '.join(args)} (stdout)", proc.stdout)
         outputs.add(f"locks {' '.join(args)} (stderr)", proc.stderr)
         return proc
@@ -213,13 +204,13 @@ def test_list_json_has_the_documented_fields(cli: Any, holds: Holds, worker: Cel
 
 @pytest.mark.slow
 def test_list_task_filter_returns_only_that_tasks_locks(
-    cli: Any, holds: Holds, lock_server: RedisServer
+    cli: Any, holds: Holds, env: TaskEnv
 ) -> None:
     name, _ = holds.start()
     others = [
-        task_lock(lock_server.url, "obs.hold2", "x"),  # a longer name with the same start
-        task_lock(lock_server.url, "other.task", "y"),
-        Redlock("reports:daily", url=lock_server.url, ttl=60),  # a standalone lock
+        task_lock(env.lock_url, "obs.hold2", "x"),  # a longer name with the same start
+        task_lock(env.lock_url, "other.task", "y"),
+        Redlock("reports:daily", url=env.lock_url, ttl=60),  # a standalone lock
     ]
     assert others[2].acquire(blocking=False)
     proc = cli("list", "--task", "obs.hold", "--json")
@@ -262,20 +253,20 @@ def test_release_refuses_a_live_holder_without_force_and_releases_with_it(
 
 @pytest.mark.slow
 def test_release_without_force_takes_a_lock_whose_holder_is_gone(
-    cli: Any, env: TaskEnv, lock_server: RedisServer, worker: CeleryWorker
+    cli: Any, env: TaskEnv, worker: CeleryWorker
 ) -> None:
     # The worker named in the lock answers, but runs no such task: the holder is gone.
-    stale = task_lock(lock_server.url, "obs.hold", "stale", hostname=worker.hostname)
+    stale = task_lock(env.lock_url, "obs.hold", "stale", hostname=worker.hostname)
     proc = cli("release", stale.key, "--yes")
     assert proc.returncode == 0, proc.stderr
     assert not env.lock_client.exists(stale.key)
     # A lock naming a worker that does not answer may be held by a busy worker: refused.
-    silent = task_lock(lock_server.url, "obs.hold", "silent", hostname="gone@nowhere")
+    silent = task_lock(env.lock_url, "obs.hold", "silent", hostname="gone@nowhere")
     proc = cli("release", silent.key, "--yes", "--timeout", "0.5")
     assert proc.returncode == 1
     assert "gone@nowhere did not answer" in proc.stderr
     # A standalone lock has no holder task to ask about: only --force releases it.
-    standalone = Redlock("standalone-job", url=lock_server.url, ttl=60)
+    standalone = Redlock("standalone-job", url=env.lock_url, ttl=60)
     assert standalone.acquire(blocking=False)
     proc = cli("release", standalone.key, "--yes")
     assert proc.returncode == 1 and "standalone lock" in proc.stderr
@@ -284,9 +275,8 @@ def test_release_without_force_takes_a_lock_whose_holder_is_gone(
 
 
 @pytest.mark.slow
-def test_release_asks_for_confirmation_without_yes(cli: Any, env: TaskEnv,
-                                                   lock_server: RedisServer) -> None:
-    lock = task_lock(lock_server.url, "obs.hold", "confirm")
+def test_release_asks_for_confirmation_without_yes(cli: Any, env: TaskEnv) -> None:
+    lock = task_lock(env.lock_url, "obs.hold", "confirm")
     proc = cli("release", lock.key, "--force")  # stdin is closed: no answer, so abort
     assert proc.returncode == 1
     assert "Release lock" in proc.stdout and "Abort" in proc.stderr
@@ -295,11 +285,10 @@ def test_release_asks_for_confirmation_without_yes(cli: Any, env: TaskEnv,
 
 
 @pytest.mark.slow
-def test_purge_needs_yes_and_honours_task(cli: Any, env: TaskEnv, lock_server: RedisServer
-                                          ) -> None:
+def test_purge_needs_yes_and_honours_task(cli: Any, env: TaskEnv) -> None:
     for i in range(3):
-        task_lock(lock_server.url, "obs.hold", f"p{i}")
-    task_lock(lock_server.url, "other.task", "p")
+        task_lock(env.lock_url, "obs.hold", f"p{i}")
+    task_lock(env.lock_url, "other.task", "p")
     refused = cli("purge")
     assert refused.returncode == 2 and "--yes" in refused.stderr
     assert env.lock_client.dbsize() >= 4

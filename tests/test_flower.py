@@ -27,9 +27,9 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.apps import obs_app
-from tests.servers import RedisServer, free_port, wait_until
-from tests.test_observability import ChattyWorker
-from tests.workers import REPO_ROOT, TaskEnv
+from tests.servers import free_port, wait_until
+from tests.test_observability import ChattyWorker, finish, hold, wait_renewed
+from tests.workers import REPO_ROOT, TaskEnv, open_task_env
 
 pytestmark = pytest.mark.slow
 
@@ -103,12 +103,8 @@ def sample(metrics: dict[Any, float], name: str, **labels: str) -> float | None:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[TaskEnv]:
-    with RedisServer(password=PASSWORD) as lock_server:
-        task_env = TaskEnv("tests.apps.obs_app", lock_server.url)
-        try:
-            yield task_env
-        finally:
-            task_env.close()
+    with open_task_env("tests.apps.obs_app", password=PASSWORD) as task_env:
+        yield task_env
 
 
 @pytest.fixture(scope="module")
@@ -148,26 +144,6 @@ def flower(env: TaskEnv, app: Celery, worker: ChattyWorker,
         yield f
     finally:
         f.stop()
-
-
-def hold(env: TaskEnv, app: Celery, name: str) -> Any:
-    result = app.tasks["obs.hold"].delay(name, 30)
-    env.wait(lambda: env.records.exists(f"entered:{result.id}"), 15, f"hold {name} entered")
-    return result
-
-
-def wait_renewed(env: TaskEnv, key: str, times: int = 2) -> None:
-    """Wait until the store counted ``times`` renewals of the lock (ttl 3 s: one a second).
-
-    Two, so that the worker has surely counted the first: it counts a renewal on the reply.
-    """
-    env.wait(lambda: int(env.lock_client.hget(key, "renewals") or 0) >= times, 10,
-             f"renewals of {key}")
-
-
-def finish(env: TaskEnv, name: str, result: Any) -> None:
-    env.records.set(f"stop:{name}", "1")
-    result.get(timeout=15, propagate=False)
 
 
 def test_api_workers_shows_the_locks_the_worker_holds(

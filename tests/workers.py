@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -43,7 +42,7 @@ from typing import Any
 import psutil
 import redis
 
-from tests.servers import RedisServer, wait_until
+from tests.servers import _PR_SET_PDEATHSIG, RedisServer, _prctl, wait_until
 
 __all__ = [
     "CeleryWorker",
@@ -85,13 +84,6 @@ def _kill_all() -> None:
 
 
 atexit.register(_kill_all)
-
-
-_PR_SET_PDEATHSIG = 1
-try:  # looked up here, not in the forked child
-    _prctl: Callable[..., int] | None = ctypes.CDLL(None).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
@@ -460,13 +452,15 @@ class TaskEnv:
 
 
 @contextlib.contextmanager
-def open_task_env(app_module: str, app: Any) -> Iterator[TaskEnv]:
-    """A :class:`TaskEnv` for ``app_module`` with a lock server of its own; ``app`` points at it."""
+def open_task_env(app_module: str, app: Any = None, **server_options: Any) -> Iterator[TaskEnv]:
+    """A :class:`TaskEnv` for ``app_module`` with a lock server of its own (``server_options``
+    as for :class:`RedisServer`); ``app``, if given, is pointed at the test servers."""
     from tests.apps.common import configure
 
-    with RedisServer() as lock_server:
+    with RedisServer(**server_options) as lock_server:
         task_env = TaskEnv(app_module, lock_server.url)
-        configure(app, task_env.broker_url, task_env.backend_url, lock_server.url)
+        if app is not None:
+            configure(app, task_env.broker_url, task_env.backend_url, lock_server.url)
         try:
             yield task_env
         finally:
