@@ -32,8 +32,9 @@ forks). Clients that take enqueue-time locks send none: an event names the worke
 from, and a client is not one (the worker sends the events of those locks once the task
 arrives).
 
-Where prefork children hold locks, the worker's main process renews them; so it also sends
-their ``task-lock-released`` event, which is where the renewal count is known. Sending never
+Where prefork children hold locks, the worker's main process renews them and posts the renewal
+count back on the board the child reads when it lets go, so the child's ``task-lock-released``
+carries it; the main process sends the events of the endings only it sees. Sending never
 raises and never retries: a monitoring event is not worth a stalled renewal thread. Events sent
 from the worker's main process go through a small queue and a sender thread, so neither the
 event loop nor the renewer waits on the broker.
@@ -66,7 +67,6 @@ __all__ = [
     "LOST",
     "RELEASED",
     "backend_error",
-    "child_released",
     "enabled",
     "install",
     "recently_lost",
@@ -284,12 +284,6 @@ def _context(sender: Any) -> tuple[Any, str, str | None]:
     return app, name, hostname
 
 
-def _supervised_child() -> bool:
-    from .supervisor import current_reporter
-
-    return current_reporter() is not None
-
-
 def _on_acquired(sender: Any = None, lock_key: str = "", task_id: str | None = None,
                  lease: Any = None, **kwargs: Any) -> None:
     if not enabled():  # the hot path: one shared byte read when events are off
@@ -321,8 +315,8 @@ def _lease_of(sender: Any) -> Any:
 
 def _on_released(sender: Any = None, lock_key: str = "", task_id: str | None = None,
                  reason: str | None = None, **kwargs: Any) -> None:
-    if not enabled() or (reason in _REPORTED_REASONS and _supervised_child()):
-        return  # (the worker's main process sends that one, with the renewal count)
+    if not enabled():
+        return
     app, name, hostname = _context(sender)
     lease = _lease_of(sender)
     renewals = lease.renewals if lease is not None and lease.key == lock_key else None
@@ -338,26 +332,6 @@ def _on_lost(sender: Any = None, lock_key: str = "", task_id: str | None = None,
         "at": time.time(), "pid": os.getpid(),
     })
     send(app, LOST, lock_key, hostname=hostname, name=name, task_id=task_id, reason=reason)
-
-
-#: Release reasons of a running task's lock, which a prefork child reports to the worker's
-#: main process (with the reason) before it deletes the lock.
-_REPORTED_REASONS = ("success", "failure", "retry")
-
-
-def child_released(lease: Any, msg: dict[str, Any]) -> None:
-    """The worker's main process saw a pool child let go of ``lease`` (prefork).
-
-    ``msg`` is the child's report; without a ``reason`` the lock is not being released but
-    handed back to a queued message (``until_executed`` retry), which is no transition.
-    """
-    state = _in_worker_main()
-    if state is None or msg.get("reason") not in _REPORTED_REASONS:
-        return
-    app = getattr(state.worker, "app", None)
-    send(app, RELEASED, lease.key, hostname=msg.get("hostname") or state.hostname,
-         name=msg.get("task", ""), task_id=msg.get("task_id"), reason=msg.get("reason"),
-         renewals=getattr(lease, "renewals", None))
 
 
 def backend_error(task: Any, lock_key: str, task_id: str | None, policy: str,

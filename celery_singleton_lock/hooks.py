@@ -76,9 +76,29 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     if _app is not None:
         hide_lock_url_password(_app)
     try:
-        start_supervisor(_store_for, _main_lost, _main_released)
+        start_supervisor(_store_for, _main_lost, _main_released, _pool_size(sender))
     except OSError:
         logger.exception("cannot start the lock supervisor; children will renew their own locks")
+
+
+def _pool_size(worker: Any) -> int:
+    """The most pool children ``worker`` can have (``--concurrency``, ``--autoscale`` max)."""
+    sizes = [0]
+    concurrency = getattr(worker, "concurrency", None)
+    if isinstance(concurrency, int):
+        sizes.append(concurrency)
+    else:  # "auto", resolved after worker_init: at most one child per CPU
+        sizes.append(os.cpu_count() or 1)
+    autoscale = (getattr(worker, "options", None) or {}).get("autoscale")
+    if isinstance(autoscale, str):
+        autoscale = autoscale.partition(",")[0]
+    elif isinstance(autoscale, (list, tuple)) and autoscale:
+        autoscale = autoscale[0]
+    try:
+        sizes.append(int(autoscale or 0))
+    except (TypeError, ValueError):
+        pass
+    return max(sizes)
 
 
 def hide_lock_url_password(app: Any) -> None:

@@ -52,6 +52,8 @@ class Lease:
         self.store = store
         self.ttl_s = float(ttl_s)
         started = store.clock() if started is None else started
+        #: Monotonic time at which the acquisition began.
+        self.started = started
         validity = self.ttl_s - drift_s(self.ttl_s) if validity_s is None else validity_s
         #: Monotonic time until which the lock is known valid.
         self.valid_until = started + validity

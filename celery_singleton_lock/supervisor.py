@@ -3,50 +3,48 @@
 With the prefork pool a task body runs in a child process, but several endings are only seen
 in the worker's main process: ``revoke(terminate=True)``, a hard time limit, a child killed by
 a signal. And a body that holds the GIL in one long C call starves any renewal thread inside
-its own child. So the child reports every lock it takes and releases to the main process over
-a unix datagram socket, and the main process:
+its own child. So each child posts the lock it takes on a :class:`~.board.LeaseBoard` (shared
+memory made before the pool forks) and clears it before it releases the lock, and the main
+process, reading the board:
 
-* renews those locks with its own renewer (one thread, batched, for every child);
+* renews the locks that stay, with its own renewer (one thread, batched, for every child);
 * releases a task's locks on ``task_revoked`` (terminate), ``task_failure`` with
   ``WorkerLostError`` or ``TimeLimitExceeded``, and when it sees the child's pid gone;
 * on a lost lock: logs, sends ``lock_lost``, and with ``lock_on_lost="abort"`` signals the
   child (``SIGUSR2``), whose handler raises :class:`LockLostError` inside the running body.
 
-A child reports "releasing" *before* it deletes the lock, so the main process never mistakes
-a normal release for a lost lock.
+A child clears its slot *before* it deletes the lock, so the main process never mistakes a
+normal release for a lost lock: it reads the board again before it declares one lost. A lock
+taken and released between two readings of the board costs the main process nothing.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import select
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
-from . import events
+from .board import LeaseBoard
 from .lease import Lease
 from .renewer import get_renewer
 from .store import Store
 
-__all__ = ["Supervisor", "ChildReporter", "current_supervisor", "current_reporter"]
+__all__ = ["Supervisor", "ChildPoster", "current_supervisor", "current_poster"]
 
 logger = logging.getLogger("celery_singleton_lock.supervisor")
 
+#: How often the main process reads the board (new locks to renew, locks let go), seconds.
+SCAN_INTERVAL_S = 0.05
 #: How often the main process checks that the children holding locks are alive, seconds.
 REAP_INTERVAL_S = 0.2
-#: How long the main process lets children's reports gather before handling them, seconds.
-BATCH_WINDOW_S = 0.05
+#: Child indexes the board has room for at least (billiard numbers children from 0).
+MIN_CHILD_INDEXES = 16
 
-#: Stands in for a store where a lease is only described (an event), never renewed or released.
-_NO_STORE: Any = SimpleNamespace(clock=time.monotonic)
+Ident = tuple[str, str]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -72,123 +70,123 @@ class Supervisor:
         store_for: Callable[[str], Store | None],
         on_lost: Callable[[Lease, dict[str, Any]], None],
         on_released: Callable[[Lease, dict[str, Any], str], None],
+        n_indexes: int = MIN_CHILD_INDEXES,
     ) -> None:
         self.store_for = store_for
         self._on_lost = on_lost
         self._on_released = on_released
-        self.dir = tempfile.mkdtemp(prefix="csl-")
-        self.path = os.path.join(self.dir, "locks.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(REAP_INTERVAL_S)
+        self.board = LeaseBoard(max(n_indexes, MIN_CHILD_INDEXES))
         self.pid = os.getpid()
         self._mutex = threading.RLock()
-        #: (key, token) -> (lease, the child's report)
-        self.held: dict[tuple[str, str], tuple[Lease, dict[str, Any]]] = {}
+        #: (key, token) -> (lease, the child's post)
+        self.held: dict[Ident, tuple[Lease, dict[str, Any]]] = {}
+        #: slot -> (seq, lock) of the post last read there
+        self._slots: dict[int, tuple[int, Ident]] = {}
+        self._headers = b""
         self._stopped = False
         self._wake = threading.Event()
-        self._drain_mutex = threading.Lock()
+        self._scan_mutex = threading.Lock()
         self._thread = threading.Thread(
             target=self._loop, name="celery-singleton-lock-supervisor", daemon=True
         )
         self._thread.start()
 
-    # -- messages -------------------------------------------------------------------------
+    # -- reading the board ------------------------------------------------------------------
 
     def _loop(self) -> None:
         next_reap = time.monotonic() + REAP_INTERVAL_S
         while not self._stopped:
+            self._wake.wait(SCAN_INTERVAL_S)
+            if self._stopped:
+                return
             try:
-                ready, _, _ = select.select([self.sock], [], [],
-                                            max(0.0, next_reap - time.monotonic()))
-            except (OSError, ValueError):
-                if self._stopped:
-                    return
-                logger.exception("lock supervisor socket failed")
-                continue
-            try:
-                if ready:
-                    # Let a window's reports gather, then handle them as one batch: a lock
-                    # taken and given back within the window is never adopted at all.
-                    self._wake.wait(BATCH_WINDOW_S)
-                    self.drain()
+                self.scan()
                 if time.monotonic() >= next_reap:
                     self.reap()
                     next_reap = time.monotonic() + REAP_INTERVAL_S
             except Exception:
-                logger.exception("lock supervisor failed on a message")
+                logger.exception("lock supervisor failed reading the board")
 
-    def drain(self) -> None:
-        """Handle every report already queued (also before declaring a lock lost).
+    def scan(self) -> None:
+        """Adopt the locks posted since the last reading, forget those the children let go.
 
-        One thread at a time reads *and* handles, so a child's "releasing" can never be
-        handled before its "acquired" (the renewer thread drains too).
+        One thread at a time, so a lock is never adopted after its child cleared it.
         """
-        with self._drain_mutex:
-            messages: list[dict[str, Any]] = []
-            while True:
-                try:
-                    data = self.sock.recv(65536, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break
-                try:
-                    messages.append(json.loads(data))
-                except ValueError:
-                    logger.warning("lock supervisor dropped an unreadable report")
-            self._handle_batch(messages)
-
-    def _handle_batch(self, messages: list[dict[str, Any]]) -> None:
-        given_back = {(m["key"], m["token"]) for m in messages if m.get("op") == "releasing"}
-        for msg in messages:
-            try:
-                ident = (msg["key"], msg["token"])
-                if msg.get("op") == "acquired" and ident in given_back:
-                    # Taken and released before we saw it: nothing to renew or release.
-                    if events.enabled():
-                        events.child_released(self._lease(msg, None), msg)
-                    continue
-                if msg.get("op") == "releasing" and ident not in self.held:
-                    if events.enabled():
-                        acquired = next((m for m in messages if m.get("op") == "acquired"
-                                         and (m["key"], m["token"]) == ident), None)
-                        if acquired is not None:
-                            events.child_released(self._lease(acquired, None),
-                                                  {**acquired, **msg})
-                    continue
-                self.handle(msg)
-            except Exception:
-                logger.exception("lock supervisor failed on a message")
-
-    def _lease(self, msg: dict[str, Any], store: Store | None) -> Lease:
-        return Lease(store or _NO_STORE, msg["key"], msg["token"], float(msg["ttl"]),
-                     fencing_token=int(msg.get("fence", 0)), owner=msg.get("task_id", ""),
-                     task_name=msg.get("task", ""))
-
-    def handle(self, msg: dict[str, Any]) -> None:
-        op = msg.get("op")
-        ident = (msg["key"], msg["token"])
-        if op == "acquired":
-            store = self.store_for(msg.get("task", ""))
-            if store is None:
-                logger.warning("no lock store for task %s; cannot renew %s", msg.get("task"),
-                               msg["key"])
+        board = self.board
+        with self._scan_mutex:
+            headers = board.headers()
+            previous = self._headers
+            if headers == previous:
+                self._publish_renewals()
                 return
-            lease = self._lease(msg, store)
-            lease.renewals = int(msg.get("renewals", 0))
-            lease.before_lost = self.drain
-            lease.on_lost(functools.partial(self._lost, msg=msg))
-            with self._mutex:
-                self.held[ident] = (lease, msg)
-            get_renewer().add(lease)
-        elif op == "releasing":
-            with self._mutex:
-                item = self.held.pop(ident, None)
-            if item is not None:
-                item[0].released = True
-                get_renewer().remove(item[0])
-                events.child_released(item[0], {**item[1], **msg})
+            unread = []
+            for slot in range(board.n_slots):
+                now = board.header_of(headers, slot)
+                if previous and now == board.header_of(previous, slot):
+                    continue
+                if not self._read_slot(slot):
+                    unread.append(slot)
+            if unread:  # read again next time: keep their old headers in the snapshot
+                parts = bytearray(headers)
+                for slot in unread:
+                    old = (board.header_of(previous, slot) if previous
+                           else bytes(len(board.header_of(headers, slot))))
+                    size = len(old)
+                    parts[slot * size:(slot + 1) * size] = old
+                headers = bytes(parts)
+            self._headers = headers
+            self._publish_renewals()
+
+    def _read_slot(self, slot: int) -> bool:
+        got = self.board.read(slot)
+        if got is None:
+            return False  # a post in progress (or a child killed mid-post: never readable)
+        seq, pid, msg = got
+        before = self._slots.get(slot)
+        ident = (msg["key"], msg["token"]) if msg is not None else None
+        if before is not None and before[1] != ident:
+            self._let_go(before[1])
+        if msg is None or ident is None:
+            self._slots.pop(slot, None)
+            return True
+        if before is None or before[1] != ident:
+            msg["pid"] = pid
+            self._adopt(msg, slot, seq)
+        self._slots[slot] = (seq, ident)
+        return True
+
+    def _adopt(self, msg: dict[str, Any], slot: int, seq: int) -> None:
+        store = self.store_for(msg.get("task", ""))
+        if store is None:
+            logger.warning("no lock store for task %s; cannot renew %s", msg.get("task"),
+                           msg["key"])
+            return
+        lease = Lease(store, msg["key"], msg["token"], float(msg["ttl"]),
+                      fencing_token=int(msg.get("fence", 0)), owner=msg.get("task_id", ""),
+                      task_name=msg.get("task", ""), started=msg.get("started"),
+                      validity_s=msg.get("validity"), acquired_at=msg.get("acquired_at"))
+        lease.before_lost = self.scan
+        lease.on_lost(functools.partial(self._lost, msg=msg))
+        msg["slot"], msg["seq"] = slot, seq
+        with self._mutex:
+            self.held[(lease.key, lease.token)] = (lease, msg)
+        get_renewer().add(lease)
+
+    def _let_go(self, ident: Ident) -> None:
+        """The child cleared its post: it releases the lock itself."""
+        with self._mutex:
+            item = self.held.pop(ident, None)
+        if item is not None:
+            item[0].released = True
+            get_renewer().remove(item[0])
+
+    def _publish_renewals(self) -> None:
+        with self._mutex:
+            items = list(self.held.values())
+        for lease, msg in items:
+            if lease.renewals != msg.get("posted_renewals", 0):
+                msg["posted_renewals"] = lease.renewals
+                self.board.renewed(msg["slot"], msg["seq"], lease.renewals)
 
     def _lost(self, lease: Lease, msg: dict[str, Any]) -> None:
         with self._mutex:
@@ -203,9 +201,9 @@ class Supervisor:
         With ``if_exited``, the locks of a child that is still alive are left alone: its body
         may still run (``revoke(terminate=True, signal="SIGUSR1")`` raises
         SoftTimeLimitExceeded in it; a hard time limit kills the child only after this
-        call), so they go when the child reports its release or :meth:`reap` sees it gone.
+        call), so they go when the child clears its post or :meth:`reap` sees it gone.
         """
-        self.drain()
+        self.scan()
         with self._mutex:
             items = [
                 (k, v) for k, v in self.held.items()
@@ -220,27 +218,32 @@ class Supervisor:
         return len(items)
 
     def reap(self) -> None:
-        """Release the locks of children that are gone (killed, crashed)."""
-        with self._mutex:
-            pids = {int(m.get("pid", 0)) for _, m in self.held.values()}
-        for pid in pids:
-            if pid and not _pid_alive(pid):
-                with self._mutex:
-                    items = [(k, v) for k, v in self.held.items() if int(v[1].get("pid", 0)) == pid]
-                    for k, _ in items:
-                        self.held.pop(k, None)
-                for _, (lease, msg) in items:
-                    lease.release()
-                    self._on_released(lease, msg, "worker_lost")
+        """Release the locks of children that are gone (killed, crashed), and free their slots."""
+        board = self.board
+        with self._scan_mutex:
+            gone = [(slot, seq, ident) for slot, (seq, ident) in self._slots.items()
+                    if not _pid_alive(board.pid_of(slot))]
+        for slot, seq, ident in gone:
+            with self._mutex:
+                item = self.held.pop(ident, None)
+            if item is not None:
+                lease, msg = item
+                lease.release()
+                self._on_released(lease, msg, "worker_lost")
+            with self._scan_mutex:
+                if self._slots.get(slot) == (seq, ident):
+                    board.free(slot)
+                    del self._slots[slot]
 
     def leases(self) -> list[tuple[Lease, dict[str, Any]]]:
+        self.scan()
         with self._mutex:
             return list(self.held.values())
 
     def stop(self, release: bool = True) -> None:
         self._stopped = True
         self._wake.set()
-        self.drain()
+        self.scan()
         if release:
             with self._mutex:
                 items = list(self.held.values())
@@ -248,38 +251,29 @@ class Supervisor:
             for lease, msg in items:
                 lease.release()
                 self._on_released(lease, msg, "shutdown")
-        try:
-            self.sock.close()
-            os.unlink(self.path)
-            os.rmdir(self.dir)
-        except OSError:
-            logger.debug("supervisor socket cleanup failed", exc_info=True)
 
 
-class ChildReporter:
-    """Runs in a pool child: tells the main process about the locks this child takes."""
+class ChildPoster:
+    """Runs in a pool child: posts the locks this child takes on the board."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._connected = False
+    def __init__(self, board: LeaseBoard, index: int) -> None:
+        self.board = board
+        self.index = index
 
-    def send(self, **msg: Any) -> bool:
-        try:
-            if not self._connected:  # connect once: no path lookup on every report
-                self.sock.connect(self.path)
-                self._connected = True
-            self.sock.send(json.dumps(msg).encode("utf-8"))
-            return True
-        except OSError:
-            logger.warning("cannot reach the worker main process at %s", self.path, exc_info=True)
-            return False
+    def post(self, msg: dict[str, Any]) -> tuple[int, int] | None:
+        """Post a lock; a handle for :meth:`clear`, or None if there is no room for it."""
+        return self.board.post(self.index, os.getpid(), msg)
+
+    def clear(self, handle: tuple[int, int]) -> int:
+        """Take the post down (before the release); the main process's renewals of it."""
+        return self.board.clear(*handle)
 
 
 _supervisor: Supervisor | None = None
-_reporter: ChildReporter | None = None
-#: Path of the main process's socket, inherited by forked children.
-_channel_path: str | None = None
+_poster: ChildPoster | None = None
+_poster_pid = 0
+#: The board, inherited by forked children, and the process that made it.
+_board: LeaseBoard | None = None
 _main_pid: int | None = None
 
 
@@ -287,11 +281,13 @@ def start_supervisor(
     store_for: Callable[[str], Store | None],
     on_lost: Callable[[Lease, dict[str, Any]], None],
     on_released: Callable[[Lease, dict[str, Any], str], None],
+    n_indexes: int = MIN_CHILD_INDEXES,
 ) -> Supervisor:
-    global _supervisor, _channel_path, _main_pid
+    """Start the main process's supervisor (before the pool forks: children need the board)."""
+    global _supervisor, _board, _main_pid
     if _supervisor is None or _supervisor.pid != os.getpid():
-        _supervisor = Supervisor(store_for, on_lost, on_released)
-        _channel_path = _supervisor.path
+        _supervisor = Supervisor(store_for, on_lost, on_released, n_indexes)
+        _board = _supervisor.board
         _main_pid = os.getpid()
     return _supervisor
 
@@ -310,11 +306,21 @@ def current_supervisor() -> Supervisor | None:
     return None
 
 
-def current_reporter() -> ChildReporter | None:
-    """The reporter, in a pool child of a supervised worker only."""
-    global _reporter
-    if _channel_path is None or _main_pid == os.getpid():
+def current_poster() -> ChildPoster | None:
+    """The poster, in a pool child of a supervised worker only (billiard gives its index)."""
+    global _poster, _poster_pid
+    pid = os.getpid()
+    if _board is None or _main_pid == pid:
         return None
-    if _reporter is None or _reporter.path != _channel_path:
-        _reporter = ChildReporter(_channel_path)
-    return _reporter
+    if _poster_pid != pid:
+        _poster_pid = pid
+        _poster = None
+        try:
+            from billiard.process import current_process
+
+            index = getattr(current_process(), "index", None)
+        except Exception:  # not a billiard process
+            index = None
+        if isinstance(index, int):
+            _poster = ChildPoster(_board, index)
+    return _poster

@@ -32,7 +32,7 @@ from .lease import Lease
 from .renewer import get_renewer
 from .settings import LockOptions, register_defaults, resolve_options, resolve_store_url
 from .store import Store, get_store
-from .supervisor import current_reporter
+from .supervisor import current_poster
 
 __all__ = ["LockedTask", "REQUEUE_HEADER", "TOKEN_HEADER", "execution_key"]
 
@@ -72,7 +72,7 @@ def run_signature(task_cls: type) -> inspect.Signature | None:
 class _Held:
     """Per-execution state, kept on the request (task objects are shared between threads)."""
 
-    __slots__ = ("lease", "thread_id", "options", "kept")
+    __slots__ = ("lease", "thread_id", "options", "kept", "post")
 
     def __init__(self, lease: Lease, options: LockOptions) -> None:
         self.lease = lease
@@ -80,6 +80,8 @@ class _Held:
         self.options = options
         #: True when a retry handed the lock back to the queued message (until_executed).
         self.kept = False
+        #: Where the lock is posted for the worker's main process (prefork), if it is.
+        self.post: tuple[int, int] | None = None
 
 
 # The lease of the task running in this pool child, for the SIGUSR2 (lock lost) handler.
@@ -390,15 +392,18 @@ class LockedTask(Task):
         """Have the lock renewed: by the worker main process (prefork) or by this process."""
         global _child_current
         lease = held.lease
-        reporter = current_reporter()
-        if reporter is not None and reporter.send(
-            op="acquired", key=lease.key, token=lease.token, ttl=lease.ttl_s, task=self.name,
-            task_id=req.id, pid=os.getpid(), fence=lease.fencing_token,
-            on_lost=held.options.on_lost, hostname=req.hostname or _HOSTNAME,
-            acquired_at=lease.acquired_at, mode=held.options.mode,
-        ):
-            _child_current = held
-            return
+        poster = current_poster()
+        if poster is not None:
+            held.post = poster.post({
+                "key": lease.key, "token": lease.token, "ttl": lease.ttl_s, "task": self.name,
+                "task_id": req.id, "fence": lease.fencing_token, "on_lost": held.options.on_lost,
+                "hostname": req.hostname or _HOSTNAME, "acquired_at": lease.acquired_at,
+                "started": lease.started, "validity": lease.valid_until - lease.started,
+                "mode": held.options.mode,
+            })
+            if held.post is not None:
+                _child_current = held
+                return
         lease.on_lost(lambda le: self._lost_here(held, req.id))
         get_renewer().add(lease)
 
@@ -411,21 +416,22 @@ class LockedTask(Task):
         if held.options.on_lost == "abort":
             _raise_in_thread(held.thread_id, LockLostError)
 
-    def _stop_renewal(self, held: _Held, reason: str | None = None) -> None:
+    def _stop_renewal(self, held: _Held) -> None:
         """Stop renewing ``held`` here or in the worker main process (before it changes hands)."""
         global _child_current
         if _child_current is held:
             _child_current = None
-            reporter = current_reporter()
-            if reporter is not None:
-                reporter.send(op="releasing", key=held.lease.key, token=held.lease.token,
-                              reason=reason)
+        if held.post is not None:
+            poster = current_poster()
+            if poster is not None:
+                held.lease.renewals = poster.clear(held.post)
+            held.post = None
         get_renewer().remove(held.lease)
 
     def _let_go(self, held: _Held, req: Any, reason: str) -> None:
         lease = held.lease
         try:
-            self._stop_renewal(held, reason)
+            self._stop_renewal(held)
             if held.kept:  # until_executed retry: the lock went back to the queued message
                 return
             released = lease.release()
