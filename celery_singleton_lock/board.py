@@ -16,7 +16,8 @@ process has released that lock and emptied it. Each slot has
   seqlock), the child's ``pid``, the payload ``length`` (0: empty) and a CRC-32 of the payload;
 * a word written only by the main process: the ``seq`` of the post it renews and the number of
   renewals so far, which the child reads back when it lets go (for ``task-lock-released``);
-* the payload: the lock's description as compact JSON.
+* the payload: the lock's description, a dict of strings and numbers in ``marshal`` format
+  (both sides run the same interpreter).
 
 Headers sit together at the start of the board, so the main process sees "nothing changed"
 with one comparison of bytes.
@@ -24,7 +25,7 @@ with one comparison of bytes.
 
 from __future__ import annotations
 
-import json
+import marshal
 import mmap
 import struct
 import zlib
@@ -63,7 +64,7 @@ class LeaseBoard:
         """Write ``msg`` into a free slot of child ``index``; ``(slot, seq)``, or None if full."""
         if not 0 <= index < self.n_indexes:
             return None
-        payload = json.dumps(msg, separators=(",", ":")).encode("utf-8")
+        payload = marshal.dumps(msg)
         if len(payload) > PAYLOAD_SIZE:
             return None
         mem = self.mem
@@ -119,8 +120,8 @@ class LeaseBoard:
             if zlib.crc32(payload) != crc:
                 continue
             try:
-                return seq, pid, json.loads(payload)
-            except ValueError:
+                return seq, pid, marshal.loads(payload)
+            except (ValueError, EOFError, TypeError):
                 return None
         return None
 

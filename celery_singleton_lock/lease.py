@@ -130,8 +130,12 @@ class Lease:
             self.mark_lost("extend found the lock gone or held by another")
         return False
 
-    def release(self) -> bool:
-        """Compare-and-delete on every master. False if the lock was no longer ours."""
+    def release(self, *, wait: bool = True) -> bool:
+        """Compare-and-delete on every master. False if the lock was no longer ours.
+
+        With ``wait=False`` the release is sent without waiting for the masters' replies
+        (:meth:`Store.release_later`), and the answer is whether the lock was believed held.
+        """
         with self._lock:
             if self.released:
                 return False
@@ -140,6 +144,9 @@ class Lease:
             from .renewer import get_renewer
 
             get_renewer().remove(self)
+        if not wait:
+            self.store.release_later(self.key, self.token, deadline=self.valid_until + 1.0)
+            return not self.lost
         released = self.store.release(self.key, self.token, deadline=self.valid_until + 1.0)
         return released >= self.store.quorum and not self.lost
 

@@ -19,6 +19,7 @@ Node kinds:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -171,9 +172,128 @@ def _failed(calls: Sequence[Call], exc: BaseException) -> _Done:
     return _Done([exc] * len(calls))
 
 
+try:  # redis-py's mapping of error replies to exception classes (NOSCRIPT, READONLY...)
+    from redis._parsers.base import BaseParser as _ErrorParser
+
+    _parse_error: Callable[[str], ResponseError] = _ErrorParser.parse_error
+except (ImportError, AttributeError):  # pragma: no cover - older or newer redis-py
+
+    def _parse_error(message: str) -> ResponseError:
+        if message.startswith("NOSCRIPT"):
+            return NoScriptError(message)
+        return ResponseError(message)
+
+
+#: What the reader asks of the socket at once.
+_READ_SIZE = 65536
+
+
+class _Wire:
+    """One connection of a :class:`RedisNode`: redis-py connects it, this reads and writes.
+
+    redis-py does the connecting (TLS, AUTH, SELECT, timeouts); commands and replies then go
+    straight over its socket, packed once for every master and parsed here (RESP2), without
+    redis-py's per-command bookkeeping. A wire may owe replies to batches sent without waiting
+    (:meth:`RedisNode.post`): they are read, and handed to their callbacks, before anything
+    else is read from it.
+    """
+
+    __slots__ = ("conn", "sock", "buf", "pos", "owed")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.sock: Any = None
+        self.buf = b""
+        self.pos = 0
+        #: (number of replies, callback) of batches whose replies are not read yet
+        self.owed: list[tuple[int, Callable[[Replies], None]]] = []
+
+    @property
+    def connected(self) -> bool:
+        return self.sock is not None
+
+    def send(self, data: bytes) -> None:
+        sock = self.sock
+        if sock is None:
+            self.conn.connect()
+            sock = self.sock = self.conn._sock
+        try:
+            sock.sendall(data)
+        except TimeoutError:
+            self.disconnect()
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            self.disconnect()
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from None
+
+    def disconnect(self) -> None:
+        self.sock, self.buf, self.pos = None, b"", 0
+        owed, self.owed = self.owed, []
+        try:
+            self.conn.disconnect()
+        finally:
+            for n, callback in owed:
+                callback([RedisConnectionError("connection closed before the reply")] * n)
+
+    def settle(self) -> None:
+        """Read the replies owed to earlier batches (raises on a broken connection)."""
+        while self.owed:
+            n, callback = self.owed[0]
+            replies = [self.read() for _ in range(n)]
+            self.owed.pop(0)
+            callback(replies)
+
+    def _fill(self) -> None:
+        try:
+            data = self.sock.recv(_READ_SIZE)
+        except TimeoutError:
+            raise RedisTimeoutError("Timeout reading from socket") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"Error while reading from socket: {exc}") from None
+        if not data:
+            raise RedisConnectionError("Connection closed by server.")
+        self.buf = self.buf[self.pos:] + data if self.pos < len(self.buf) else data
+        self.pos = 0
+
+    def _line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n", self.pos)
+            if end >= 0:
+                line = self.buf[self.pos:end]
+                self.pos = end + 2
+                return line
+            self._fill()
+
+    def read(self) -> Any:
+        """One reply; an error reply is returned as its exception, not raised."""
+        if self.sock is None:
+            raise RedisConnectionError("not connected")
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            while len(self.buf) - self.pos < size + 2:
+                self._fill()
+            data = self.buf[self.pos:self.pos + size]
+            self.pos += size + 2
+            return data
+        if kind == b"*":
+            count = int(rest)
+            return None if count < 0 else [self.read() for _ in range(count)]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return _parse_error(rest.decode("utf-8", "replace"))
+        raise RedisConnectionError(f"unexpected reply from the server: {line[:40]!r}")
+
+
 class _RedisPending:
     def __init__(
-        self, node: RedisNode, conn: Any, calls: Sequence[Call], packed: bytes, reused: bool
+        self, node: RedisNode, conn: _Wire, calls: Sequence[Call], packed: bytes, reused: bool
     ) -> None:
         self.node, self.conn, self.calls = node, conn, calls
         self.packed, self.reused = packed, reused
@@ -183,34 +303,25 @@ class _RedisPending:
         replies: Replies = []
         try:
             try:
-                first = conn.read_response()
-            except ResponseError as exc:
-                first = exc
+                conn.settle()
+                first = conn.read()
             except RedisConnectionError as exc:
                 # An idle connection whose server restarted or closed it: the server never saw
                 # the batch (a timeout is not retried: the server may have run it). Once more.
                 if not self.reused or isinstance(exc, RedisTimeoutError):
                     raise
                 conn.disconnect()
-                conn.send_packed_command([self.packed])
-                try:
-                    first = conn.read_response()
-                except ResponseError as exc2:
-                    first = exc2
+                conn.send(self.packed)
+                first = conn.read()
             replies.append(first)
             for _ in calls[1:]:
-                try:
-                    replies.append(conn.read_response())
-                except ResponseError as exc:  # one error reply; the connection stays usable
-                    replies.append(exc)
-            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+                replies.append(conn.read())
+            missing = [i for i, r in enumerate(replies)
+                       if isinstance(r, NoScriptError) and calls[i].script is not None]
             if missing:  # empty script cache after a restart: send the bodies once
-                conn.send_packed_command(conn.pack_commands([calls[i].eval() for i in missing]))
+                conn.send(pack_resp([calls[i].eval() for i in missing]))
                 for i in missing:
-                    try:
-                        replies[i] = conn.read_response()
-                    except ResponseError as exc:
-                        replies[i] = exc
+                    replies[i] = conn.read()
         except (RedisError, OSError) as exc:
             conn.disconnect()
             replies.extend([exc] * (len(calls) - len(replies)))
@@ -288,11 +399,11 @@ class RedisNode:
         # Our own idle connections: redis-py's pool does bookkeeping on every checkout that
         # costs more than the round trip saves at N masters. A connection that failed is
         # disconnected before it comes back, and reconnects on its next use.
-        self._new = lambda: self.pool.connection_class(**self.pool.connection_kwargs)
-        self._idle: list[Any] = []
+        self._new = lambda: _Wire(self.pool.connection_class(**self.pool.connection_kwargs))
+        self._idle: list[_Wire] = []
         self._pid = os.getpid()
 
-    def get(self) -> Any:
+    def get(self) -> _Wire:
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours
             self._idle, self._pid = [], os.getpid()
         try:
@@ -300,29 +411,62 @@ class RedisNode:
         except IndexError:
             return self._new()
 
-    def put(self, conn: Any) -> None:
+    def put(self, conn: _Wire) -> None:
         if self._pid == os.getpid():
             self._idle.append(conn)
+
+    def _send(self, conn: _Wire, packed: bytes) -> bool:
+        """Write ``packed``; True if it went over a connection that was already open."""
+        reused = conn.connected
+        try:
+            conn.send(packed)
+        except RedisConnectionError:
+            if not reused:
+                raise
+            conn.disconnect()  # a stale idle connection: reconnect once
+            reused = False
+            conn.send(packed)
+        return reused
 
     def send(self, calls: Sequence[Call], packed: bytes | None = None) -> Pending:
         conn = self.get()
         if packed is None:
             packed = pack_resp([c.packed() for c in calls])
-        reused = getattr(conn, "_sock", None) is not None
         try:
-            try:
-                conn.send_packed_command([packed])
-            except RedisConnectionError:
-                if not reused:
-                    raise
-                conn.disconnect()  # a stale idle connection: reconnect once
-                reused = False
-                conn.send_packed_command([packed])
+            reused = self._send(conn, packed)
         except (RedisError, OSError) as exc:
             conn.disconnect()
             self.put(conn)
             return _failed(calls, exc)
         return _RedisPending(self, conn, calls, packed, reused)
+
+    def post(self, calls: Sequence[Call], packed: bytes,
+             done: Callable[[Replies], None]) -> None:
+        """Send ``calls`` without waiting: ``done(replies)`` runs when the connection is next
+        read (its next batch), or at once if the batch cannot be sent. Calls must not need
+        the ``NOSCRIPT`` fallback: send whole scripts (``Call.eval``)."""
+        conn = self.get()
+        try:
+            self._send(conn, packed)
+        except (RedisError, OSError) as exc:
+            conn.disconnect()
+            self.put(conn)
+            done([exc] * len(calls))
+            return
+        conn.owed.append((len(calls), done))
+        self.put(conn)
+
+    def settle(self) -> None:
+        """Read every reply owed to posted batches (each connection's are already there or
+        on their way)."""
+        if self._pid != os.getpid():
+            return
+        for conn in list(self._idle):
+            if conn.owed:
+                try:
+                    conn.settle()
+                except (RedisError, OSError):
+                    conn.disconnect()
 
     def client(self) -> redis.Redis:
         if self._client is None:
@@ -628,6 +772,43 @@ class Store:
                 self._cleanup.append((key, token, deadline))
             get_renewer().watch_cleanup(self)
         return released
+
+    def release_later(self, key: str, token: str, *, deadline: float | None = None) -> None:
+        """Send the compare-and-delete to every master without waiting for the replies.
+
+        The masters run it as soon as it arrives; the replies are read with the connection's
+        next batch (a task's release costs a write, not a round trip). A master that failed is
+        retried in the background until ``deadline``, as with :meth:`release`. Nodes that
+        cannot post (a cluster, the memory store) release at once.
+        """
+        channel = channel_for(key) if self.notify else ""
+        call = Call(None, command=Call.run("release", (key,), (token, channel)).eval())
+        packed = pack_resp([call.command])
+        for i, node in enumerate(self.nodes):
+            post = getattr(node, "post", None)
+            if post is None:
+                self.release(key, token, nodes=[i], deadline=deadline)
+                continue
+            post([call], packed, functools.partial(self._released_later, key, token, deadline))
+
+    def _released_later(self, key: str, token: str, deadline: float | None,
+                        replies: Replies) -> None:
+        reply = replies[0]
+        if not isinstance(reply, BaseException):
+            if _as_int(reply) != 1:
+                logger.info("lock %s was no longer held when its task released it", key)
+            return
+        if deadline is not None and deadline > self.clock():
+            with self._cleanup_lock:
+                self._cleanup.append((key, token, deadline))
+            get_renewer().watch_cleanup(self)
+
+    def settle(self) -> None:
+        """Read the replies of releases sent with :meth:`release_later`."""
+        for node in self.nodes:
+            settle = getattr(node, "settle", None)
+            if settle is not None:
+                settle()
 
     def extend_many(
         self, items: Sequence[tuple[str, str, int]], *, count_renewal: bool = True

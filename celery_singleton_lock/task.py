@@ -434,7 +434,9 @@ class LockedTask(Task):
             self._stop_renewal(held)
             if held.kept:  # until_executed retry: the lock went back to the queued message
                 return
-            released = lease.release()
+            # The reply is read with the next batch on that connection: the release costs
+            # this task a write, not a round trip (a failed master is retried later).
+            released = lease.release(wait=False)
             if released:
                 signals.lock_released.send(sender=self, lock_key=lease.key, task_id=req.id,
                                            reason=reason)

@@ -1,0 +1,152 @@
+"""The store's own connection reader, posted releases, and the board children post locks on.
+
+Real ``redis-server`` processes; the board is real shared memory across a real ``fork``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from celery_singleton_lock.board import PAYLOAD_SIZE, SLOTS_PER_CHILD, LeaseBoard
+from celery_singleton_lock.store import Call, RedisNode, Store
+from tests.servers import RedisServer, wait_until
+
+
+@pytest.fixture
+def store(redis_server_module: RedisServer) -> Iterator[Store]:
+    s = Store.from_url(redis_server_module.url, socket_timeout=2.0)
+    yield s
+    s.close()
+
+
+def one(store: Store, *command: object) -> object:
+    return store.fanout([Call.plain(*command)])[0][0]
+
+
+def test_every_kind_of_reply(store: Store) -> None:
+    big = b"\r\n".join(secrets.token_bytes(1000) for _ in range(100))  # > one 64 KiB read
+    replies = store.fanout([
+        Call.plain("PING"),
+        Call.plain("SET", "k", big),
+        Call.plain("GET", "k"),
+        Call.plain("GET", "missing"),
+        Call.plain("INCR", "n"),
+        Call.plain("EVAL", "return {1, {2, 'x'}, false, 'y'}", 0),
+        Call.plain("INCR", "k"),
+        Call.plain("EVALSHA", "0" * 40, 0),
+        Call.plain("LRANGE", "missing", 0, -1),
+    ])[0]
+    assert replies[:6] == [b"PONG", b"OK", big, None, 1, [1, [2, b"x"], None, b"y"]]
+    assert isinstance(replies[6], ResponseError) and "not an integer" in str(replies[6])
+    assert isinstance(replies[7], NoScriptError)
+    assert replies[8] == []
+    # An error reply leaves the connection usable.
+    assert one(store, "GET", "n") == b"1"
+
+
+def test_a_script_missing_after_a_restart_is_sent_whole(redis_server: RedisServer) -> None:
+    store = Store.from_url(redis_server.url, socket_timeout=2.0)
+    try:
+        assert store.acquire("csl:{w}", "t1", 30).acquired
+        redis_server.restart()  # an empty script cache, and our idle connection is stale
+        assert store.acquire("csl:{w}", "t2", 30).acquired
+        assert store.release("csl:{w}", "t2") == 1
+    finally:
+        store.close()
+
+
+def _node(store: Store) -> RedisNode:
+    node = store.nodes[0]
+    assert isinstance(node, RedisNode)
+    return node
+
+
+def test_posted_release_runs_at_once_and_its_reply_is_read_with_the_next_batch(
+    store: Store, redis_server_module: RedisServer
+) -> None:
+    admin = redis.Redis.from_url(redis_server_module.url)
+    try:
+        assert store.acquire("csl:{p}", "tok", 30).acquired
+        store.release_later("csl:{p}", "tok", deadline=store.clock() + 30)
+        wait_until(lambda: not admin.exists("csl:{p}"), 2.0, message="lock released")
+        assert sum(len(c.owed) for c in _node(store)._idle) == 1  # not read yet
+        assert store.acquire("csl:{q}", "tok", 30).acquired  # the next batch reads it
+        assert sum(len(c.owed) for c in _node(store)._idle) == 0
+        assert not store._cleanup
+    finally:
+        admin.close()
+
+
+def test_posted_release_lost_with_its_connection_is_retried(
+    store: Store, redis_server_module: RedisServer
+) -> None:
+    admin = redis.Redis.from_url(redis_server_module.url)
+    try:
+        assert store.acquire("csl:{d}", "tok", 30).acquired
+        # The server drops our connection: the posted release never reaches it.
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        store.release_later("csl:{d}", "tok", deadline=store.clock() + 30)
+        store.settle()  # reads the (missing) reply: the failure goes to the background retry
+        # Released long before its 30 s ttl, by the renewer's cleanup.
+        wait_until(lambda: not admin.exists("csl:{d}"), 5.0, message="lock released by retry")
+    finally:
+        admin.close()
+
+
+# -- the board --------------------------------------------------------------------------------
+
+
+def _msg(n: int) -> dict[str, object]:
+    return {"key": f"csl:t:{{{n}}}", "token": f"tok{n}", "ttl": 3.0, "task_id": f"id{n}"}
+
+
+def test_board_post_read_clear() -> None:
+    board = LeaseBoard(2)
+    handle = board.post(1, 4242, _msg(1))
+    assert handle is not None
+    slot, seq = handle
+    assert slot // SLOTS_PER_CHILD == 1 and seq % 2 == 0
+    assert board.read(slot) == (seq, 4242, _msg(1))
+    board.renewed(slot, seq, 5)
+    assert board.clear(slot, seq) == 5
+    read = board.read(slot)
+    assert read is not None and read[2] is None
+    # Renewals recorded for an earlier post are not reported for a later one.
+    slot2, seq2 = board.post(1, 4242, _msg(2)) or (0, 0)
+    assert slot2 == slot and seq2 > seq
+    assert board.clear(slot2, seq2) == 0
+
+
+def test_board_never_overwrites_a_post_and_refuses_what_does_not_fit() -> None:
+    board = LeaseBoard(1)
+    handles = [board.post(0, 1, _msg(i)) for i in range(SLOTS_PER_CHILD)]
+    assert len({h[0] for h in handles if h}) == SLOTS_PER_CHILD
+    assert board.post(0, 1, _msg(99)) is None  # full: the caller renews on its own
+    assert board.post(5, 1, _msg(1)) is None  # no such child index
+    assert LeaseBoard(1).post(0, 1, {"key": "x" * (PAYLOAD_SIZE + 1)}) is None
+    for i, h in enumerate(handles):
+        assert h is not None and board.read(h[0]) == (h[1], 1, _msg(i))
+
+
+def test_board_post_from_a_forked_child_is_seen_by_the_parent() -> None:
+    board = LeaseBoard(1)
+    before = board.headers()
+    pid = os.fork()
+    if pid == 0:  # the child: post, keep it posted, exit without cleanup
+        board.post(0, os.getpid(), _msg(7))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert board.headers() != before
+    found = [board.read(s) for s in range(board.n_slots)]
+    posted = [r for r in found if r is not None and r[2] is not None]
+    assert [(r[1], r[2]) for r in posted] == [(pid, _msg(7))]
+    # The parent frees the slot of the child that is gone; the next child may use it.
+    slot = found.index(posted[0])
+    board.free(slot)
+    assert board.post(0, 1, _msg(8)) == (slot, posted[0][0] + 2)
