@@ -38,6 +38,7 @@ ASCII characters) a key is at most 228 bytes, under the 250 that some tools expe
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import inspect
 import json
@@ -206,9 +207,12 @@ def _str_text(text: str) -> str:
     return json.dumps(text, ensure_ascii=True)
 
 
+_INT_STR_LIMIT = 10**600
+
+
 def _int_text(number: int) -> str:
     """Decimal digits of ``number``, also past Python's int-to-str digit limit."""
-    if -(10**600) < number < 10**600:
+    if -_INT_STR_LIMIT < number < _INT_STR_LIMIT:
         return str(number)
     sign, number = ("-", -number) if number < 0 else ("", number)
     chunks: list[str] = []
@@ -292,6 +296,20 @@ def bind_arguments(
     """
     if signature is None:
         return {"args": list(args), "kwargs": dict(kwargs)}
+    plain = _plain_parameters(signature)
+    if plain is not None and len(args) <= len(plain[0]):
+        # Only ordinary parameters: bind by hand (inspect's bind costs more than the rest of
+        # the key); anything unusual (a missing or repeated argument) goes to inspect below.
+        names, defaults = plain
+        quick = dict(zip(names, args, strict=False))
+        for name in names[len(args):]:
+            if name in kwargs:
+                quick[name] = kwargs[name]
+            elif name in defaults:
+                quick[name] = defaults[name]
+        if len(quick) == len(names) and len(args) + len(kwargs) <= len(names) and all(
+                name in quick and name not in names[:len(args)] for name in kwargs):
+            return quick
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
@@ -312,6 +330,30 @@ def bind_arguments(
         else:
             result[name] = value
     return result
+
+
+_Plain = tuple[tuple[str, ...], dict[str, Any]]
+#: id(signature) -> (signature, its plain parameters); the signature is kept so the id stays its.
+_plain_cache: dict[int, tuple[inspect.Signature, _Plain | None]] = {}
+
+
+def _plain_parameters(signature: inspect.Signature) -> _Plain | None:
+    """``(names, defaults)`` when every parameter is an ordinary one (positional or keyword).
+
+    Cached by identity: a signature's defaults need not be hashable.
+    """
+    cached = _plain_cache.get(id(signature))
+    if cached is not None and cached[0] is signature:
+        return cached[1]
+    params = list(signature.parameters.values())
+    plain: _Plain | None = None
+    if all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        plain = (tuple(p.name for p in params),
+                 {p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+    if len(_plain_cache) > 1024:
+        _plain_cache.clear()
+    _plain_cache[id(signature)] = (signature, plain)
+    return plain
 
 
 # --------------------------------------------------------------------------- validation
@@ -439,12 +481,17 @@ def lock_payload(
 
 def format_key(prefix: str, task_name: str, payload: str) -> str:
     """Return the Redis key ``{prefix}:{shown_name}:{{{digest}}}`` (format frozen)."""
-    validate_key_prefix(prefix)
     text = task_name + "\n" + payload
     # surrogatepass: a payload from a user callable may hold lone surrogates.
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    shown = _UNSAFE_NAME_CHARS.sub("_", task_name)[:MAX_SHOWN_NAME_LENGTH]
-    return f"{prefix}:{shown}:{{{digest}}}"
+    return f"{_key_head(prefix, task_name)}:{{{digest}}}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_head(prefix: str, task_name: str) -> str:
+    """``{prefix}:{shown_name}``, validated (cached: a worker keys a few tasks many times)."""
+    validate_key_prefix(prefix)
+    return f"{prefix}:{_UNSAFE_NAME_CHARS.sub('_', task_name)[:MAX_SHOWN_NAME_LENGTH]}"
 
 
 def lock_key_for(

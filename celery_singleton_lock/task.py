@@ -459,9 +459,11 @@ class LockedTask(Task):
         opts = self.lock_options
         if opts.mode == "while_executing" or self.app.conf.task_always_eager:
             return super().apply_async(args, kwargs, **options)
-        held = getattr(self.request, "_singleton_lock", None)
-        if options.get("task_id") is not None and options.get("task_id") == self.request.id:
+        task_id = options.get("task_id")
+        request = self.request_stack.top if task_id is not None else None
+        if request is not None and task_id == request.id:
             # self.retry() (or a replace) of the running task: no new enqueue lock.
+            held = getattr(request, "_singleton_lock", None)
             if held is not None and opts.mode == "until_executed":
                 return self._retry_keeping_lock(held, opts, args, kwargs, options)
             return super().apply_async(args, kwargs, **options)

@@ -567,6 +567,27 @@ def test_bound_method_signature_leaves_out_self() -> None:
     assert bind_arguments(signature, (1,), {}, task_name="t") == {"account_id": 1, "full": False}
 
 
+@pytest.mark.parametrize("args, kwargs", [
+    ((), {}), ((1,), {}), ((1, 2), {}), ((1, 2, 3), {}), ((1, 2, 3, 4), {}),
+    ((1,), {"b": 2}), ((), {"a": 1, "c": 3}), ((1,), {"a": 2}), ((1,), {"zz": 1}),
+    ((1, 2), {"b": 3}), ((), {"b": 1}),
+])
+def test_bind_by_hand_agrees_with_inspect(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Ordinary parameters are bound without inspect; the result (or error) is the same."""
+
+    def plain(a, b=[1], c=None): ...  # noqa: B006 - an unhashable default on purpose
+
+    signature = inspect.signature(plain)
+    try:
+        expected = signature.bind(*args, **kwargs)
+    except TypeError:
+        with pytest.raises(LockKeyError):
+            bind_arguments(signature, args, kwargs, task_name="t")
+        return
+    expected.apply_defaults()
+    assert bind_arguments(signature, args, kwargs, task_name="t") == dict(expected.arguments)
+
+
 # --------------------------------------------------------------------------- unsupported values
 
 
