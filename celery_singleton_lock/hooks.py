@@ -121,8 +121,10 @@ def hide_lock_url_password(app: Any) -> None:
 
 
 def _on_child_init(**kwargs: Any) -> None:
+    from .supervisor import child_started
     from .task import child_lock_lost_handler
 
+    child_started()
     signal.signal(signal.SIGUSR2, child_lock_lost_handler)
 
 

@@ -33,7 +33,9 @@ from .lease import Lease
 from .renewer import get_renewer
 from .store import Store
 
-__all__ = ["Supervisor", "ChildPoster", "current_supervisor", "current_poster"]
+__all__ = [
+    "Supervisor", "ChildPoster", "child_started", "current_supervisor", "current_poster",
+]
 
 logger = logging.getLogger("celery_singleton_lock.supervisor")
 
@@ -306,21 +308,26 @@ def current_supervisor() -> Supervisor | None:
     return None
 
 
-def current_poster() -> ChildPoster | None:
-    """The poster, in a pool child of a supervised worker only (billiard gives its index)."""
-    global _poster, _poster_pid
-    pid = os.getpid()
-    if _board is None or _main_pid == pid:
-        return None
-    if _poster_pid != pid:
-        _poster_pid = pid
-        _poster = None
-        try:
-            from billiard.process import current_process
+def child_started() -> None:
+    """In a pool child, just after the fork (``worker_process_init``): claim its board row.
 
-            index = getattr(current_process(), "index", None)
-        except Exception:  # not a billiard process
-            index = None
-        if isinstance(index, int):
-            _poster = ChildPoster(_board, index)
-    return _poster
+    The row is billiard's index of this child. Only this very process posts there: a process
+    the task body forks itself inherits the index but not the right to use it.
+    """
+    global _poster, _poster_pid
+    _poster, _poster_pid = None, os.getpid()
+    if _board is None or _main_pid == _poster_pid:
+        return
+    try:
+        from billiard.process import current_process
+
+        index = getattr(current_process(), "index", None)
+    except Exception:  # not a billiard process
+        index = None
+    if isinstance(index, int):
+        _poster = ChildPoster(_board, index)
+
+
+def current_poster() -> ChildPoster | None:
+    """The poster, in a pool child of a supervised worker only."""
+    return _poster if _poster_pid == os.getpid() else None
