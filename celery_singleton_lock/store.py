@@ -477,6 +477,7 @@ class RedisNode:
         return _SocketSubscription(self.client().pubsub(ignore_subscribe_messages=False), channel)
 
     def close(self) -> None:
+        self.settle()  # posted releases: read their replies (a failure is retried) first
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.disconnect()
