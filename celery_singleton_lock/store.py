@@ -82,9 +82,11 @@ SCRIPTS: dict[str, Script] = {
 }
 
 
-@dataclass(frozen=True)
-class Call:
-    """One command of a batch: a named script (``script``) or a plain command (``command``)."""
+class Call(NamedTuple):
+    """One command of a batch: a named script (``script``) or a plain command (``command``).
+
+    A named tuple, not a dataclass: a task makes one per lock operation, and this is cheaper.
+    """
 
     script: str | None
     keys: tuple[str, ...] = ()
@@ -114,21 +116,22 @@ class Call:
 def pack_resp(commands: Sequence[Sequence[Any]]) -> bytes:
     """Encode commands in RESP once, for every master (redis-py would pack per connection)."""
     out: list[bytes] = []
+    append = out.append
     for args in commands:
-        out.append(b"*%d\r\n" % len(args))
+        append(b"*%d\r\n" % len(args))
         for arg in args:
             kind = type(arg)
             if kind is str:
                 data = arg.encode()
             elif kind is bytes:
                 data = arg
+            elif kind is int:
+                data = b"%d" % arg
             elif kind is float:
                 data = repr(arg).encode()
             else:
                 data = str(arg).encode()
-            out.append(b"$%d\r\n" % len(data))
-            out.append(data)
-            out.append(b"\r\n")
+            append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
 
 
@@ -657,8 +660,10 @@ class Store:
         self, calls: Sequence[Call], nodes: Iterable[int] | None = None
     ) -> list[Replies]:
         """Send ``calls`` to every master (or the indexes in ``nodes``), then read all replies."""
-        idx = range(len(self.nodes)) if nodes is None else list(nodes)
         packed = pack_resp([c.packed() for c in calls])
+        if nodes is None and len(self.nodes) == 1:
+            return [self.nodes[0].send(calls, packed).receive()]
+        idx = range(len(self.nodes)) if nodes is None else list(nodes)
         pending = [(i, self.nodes[i].send(calls, packed)) for i in idx]
         out: list[Replies] = [[] for _ in self.nodes]
         for i, p in pending:
@@ -783,7 +788,7 @@ class Store:
         cannot post (a cluster, the memory store) release at once.
         """
         channel = channel_for(key) if self.notify else ""
-        call = Call(None, command=Call.run("release", (key,), (token, channel)).eval())
+        call = Call.plain(*Call.run("release", (key,), (token, channel)).eval())
         packed = pack_resp([call.command])
         for i, node in enumerate(self.nodes):
             post = getattr(node, "post", None)
