@@ -49,6 +49,7 @@ __all__ = [
     "ClusterNode",
     "Store",
     "AcquireResult",
+    "AcquireInFlight",
     "get_store",
     "SCRIPTS",
     "FENCE_TTL_MS",
@@ -586,6 +587,33 @@ class AcquireResult(NamedTuple):
     errors: tuple[str, ...]
 
 
+class AcquireInFlight:
+    """An acquire sent to every master whose replies are not read yet (:meth:`finish`)."""
+
+    __slots__ = ("store", "key", "token", "ttl_s", "started", "_pending", "_result")
+
+    def __init__(self, store: Store, key: str, token: str, ttl_s: float, started: float,
+                 pending: list[Pending]) -> None:
+        self.store, self.key, self.token, self.ttl_s = store, key, token, ttl_s
+        self.started = started
+        self._pending: list[Pending] | None = pending
+        self._result: AcquireResult | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def finish(self) -> AcquireResult:
+        """Read every master's reply and judge the round (once; later calls return it)."""
+        if self._result is None:
+            pending, self._pending = self._pending, None
+            assert pending is not None
+            replies = [p.receive()[0] for p in pending]
+            self._result = self.store._judge_acquire(self.key, self.token, self.ttl_s,
+                                                     self.started, replies)
+        return self._result
+
+
 def _as_int(value: Any) -> int:
     return int(value) if value is not None else 0
 
@@ -681,14 +709,31 @@ class Store:
         self, key: str, token: str, ttl_s: float, metadata: Sequence[tuple[str, Any]] = ()
     ) -> AcquireResult:
         """One Redlock round: take ``key`` on a quorum within the validity, or release it all."""
+        return self.begin_acquire(key, token, ttl_s, metadata).finish()
+
+    def begin_acquire(
+        self, key: str, token: str, ttl_s: float, metadata: Sequence[tuple[str, Any]] = ()
+    ) -> AcquireInFlight:
+        """Send an acquire to every master; :meth:`AcquireInFlight.finish` reads and judges.
+
+        Lets the caller do other work while the masters answer (``finish()`` must be called:
+        until then each master's connection is taken).
+        """
         ttl_ms = max(1, int(ttl_s * 1000))
         args: list[Any] = [token, ttl_ms, FENCE_TTL_MS]
         for field, value in metadata:
             args.extend((field, value))
         call = Call.run("acquire", (key, fence_key_for(key)), args)
         started = self.clock()
-        replies = self.fanout([call])
-        parsed = [self._acquire_reply(r[0]) for r in replies]
+        calls = [call]
+        packed = pack_resp([call.packed()])
+        pending = [node.send(calls, packed) for node in self.nodes]
+        return AcquireInFlight(self, key, token, ttl_s, started, pending)
+
+    def _judge_acquire(
+        self, key: str, token: str, ttl_s: float, started: float, replies: list[Any]
+    ) -> AcquireResult:
+        parsed = [self._acquire_reply(r) for r in replies]
         outcome = judge_acquire(parsed, ttl_s, self.clock() - started)
         if outcome.acquired and outcome.fences_disagree:
             outcome = self._raise_fences(key, parsed, outcome, ttl_s, started)

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from celery import Task, states
 from celery.exceptions import Ignore, Retry
+from celery.signals import before_task_publish
 from celery.utils import uuid
 
 from . import signals
@@ -31,7 +32,7 @@ from .keys import lock_key_for, validate_lock_key_option
 from .lease import Lease
 from .renewer import get_renewer
 from .settings import LockOptions, register_defaults, resolve_options, resolve_store_url
-from .store import Store, get_store
+from .store import AcquireInFlight, Store, get_store
 from .supervisor import current_poster
 
 __all__ = ["LockedTask", "REQUEUE_HEADER", "TOKEN_HEADER", "execution_key"]
@@ -483,34 +484,61 @@ class LockedTask(Task):
         # No worker holds a queued lock yet: hostname and pid are filled in when one takes it.
         meta = [("owner", task_id), ("task", self.name), ("mode", opts.mode), ("ttl", ttl),
                 ("acquired_at", f"{time.time():.6f}")]
-        attempt = store.acquire(key, token, ttl, meta)
+        # The acquire goes out now and Celery builds the message while the masters answer;
+        # the replies are read just before the message would leave (before_task_publish),
+        # and a lock not had stops the publish there.
+        _watch_publishes(self.name)
+        flight = _Publishing(store.begin_acquire(key, token, ttl, meta), token,
+                             opts.on_backend_error == "run")
+        options["headers"] = {**(options.get("headers") or {}), TOKEN_HEADER: token}
+        outer, _publishing.current = getattr(_publishing, "current", None), flight
+        try:
+            result = super().apply_async(args, kwargs, **options)
+        except _NotPublished:
+            result = None
+            # Celery subscribed to the result of the message it was about to send: undo it.
+            cancel = getattr(getattr(self.backend, "result_consumer", None), "cancel_for", None)
+            if cancel is not None:
+                try:
+                    cancel(task_id)
+                except Exception:
+                    logger.debug("cannot cancel the result subscription of %s", task_id,
+                                 exc_info=True)
+        except BaseException:
+            if flight.attempt.finish().acquired:
+                store.release(key, token)
+            raise
+        finally:
+            _publishing.current = outer
+        attempt = flight.attempt.finish()
         if attempt.backend_down:
             exc = LockBackendError(
                 f"cannot lock {key!r} to enqueue {self.name}: fewer than {store.quorum} of "
                 f"{store.n_masters} masters answered ({'; '.join(attempt.errors)})",
                 lock_key=key, task_name=self.name,
             )
-            if opts.on_backend_error != "run":
+            if result is None:
                 raise exc
-            logger.warning("publishing %s[%s] without its enqueue lock: %s", self.name, task_id,
+            logger.warning("published %s[%s] without its enqueue lock: %s", self.name, task_id,
                            exc)
-            return super().apply_async(args, kwargs, **options)
+            return result
         if not attempt.acquired:
             holder = attempt.holder
             signals.lock_duplicate.send(sender=self, lock_key=key, task_id=task_id,
                                         holder_id=holder, policy=opts.on_enqueue_duplicate)
+            if result is not None:
+                # Published before the lock was judged (the message never passed Celery's
+                # before_task_publish): the worker turns it away when it arrives.
+                logger.warning("%s[%s] was published although %s is held by %s", self.name,
+                               task_id, key, holder)
+                return result
             if opts.on_enqueue_duplicate == "return_existing" and holder:
                 return self.AsyncResult(holder)
             raise DuplicateTaskError(
                 f"task {self.name} not queued: lock {key} is held by task {holder}",
                 key, holder, self.name,
             )
-        options["headers"] = {**(options.get("headers") or {}), TOKEN_HEADER: token}
-        try:
-            return super().apply_async(args, kwargs, **options)
-        except BaseException:
-            store.release(key, token)
-            raise
+        return result
 
     def _retry_keeping_lock(
         self, held: _Held, opts: LockOptions, args: Any, kwargs: Any, options: dict[str, Any]
@@ -533,6 +561,51 @@ class LockedTask(Task):
             held.kept = False
             lease.store.release(lease.key, new_token)
             raise
+
+
+class _NotPublished(BaseException):
+    """Stops a publish from before_task_publish (Celery's signals swallow an ``Exception``)."""
+
+
+class _Publishing:
+    """An enqueue in progress: the acquire whose replies decide whether the message leaves."""
+
+    __slots__ = ("attempt", "token", "publish_unlocked")
+
+    def __init__(self, attempt: AcquireInFlight, token: str, publish_unlocked: bool) -> None:
+        self.attempt = attempt
+        self.token = token
+        #: lock_on_backend_error="run": publish even when the store cannot be reached.
+        self.publish_unlocked = publish_unlocked
+
+
+_publishing = threading.local()
+_watched_names: set[str] = set()
+_watched_lock = threading.Lock()
+
+
+def _watch_publishes(task_name: str) -> None:
+    """Have before_task_publish call :func:`_before_publish` for this task's messages."""
+    if task_name in _watched_names:
+        return
+    with _watched_lock:
+        if task_name not in _watched_names:
+            before_task_publish.connect(_before_publish, sender=task_name, weak=False,
+                                        dispatch_uid=f"celery-singleton-lock:{task_name}")
+            _watched_names.add(task_name)
+
+
+def _before_publish(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    flight: _Publishing | None = getattr(_publishing, "current", None)
+    if flight is None or not headers or headers.get(TOKEN_HEADER) != flight.token:
+        return
+    attempt = flight.attempt.finish()
+    if attempt.acquired:
+        return
+    if attempt.backend_down and flight.publish_unlocked:
+        headers.pop(TOKEN_HEADER, None)  # no lock to hand over: the worker takes its own
+        return
+    raise _NotPublished()
 
 
 def execution_key(key: str) -> str:

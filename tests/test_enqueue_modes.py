@@ -22,10 +22,17 @@ import pytest
 import redis
 from celery import Celery
 from celery.exceptions import TaskRevokedError
+from celery.signals import before_task_publish
 from kombu import Connection
 
-from celery_singleton_lock import DuplicateTaskError, LockConfigError, LockedTask
-from celery_singleton_lock.task import execution_key
+from celery_singleton_lock import (
+    DuplicateTaskError,
+    LockBackendError,
+    LockConfigError,
+    LockedTask,
+)
+from celery_singleton_lock import task as task_module
+from celery_singleton_lock.task import TOKEN_HEADER, execution_key
 from tests.apps import modes_app
 from tests.apps.common import configure
 from tests.servers import RedisServer, free_port, wait_until
@@ -207,6 +214,75 @@ def test_failed_publish_releases_the_enqueue_lock(env: TaskEnv, broker: redis.Re
     again = task.delay(slot)
     assert _owner(env, key) == again.id
     assert _queued_ids(broker) == [again.id]
+
+
+def test_duplicate_publish_is_stopped_before_the_broker_and_unsubscribes(
+    env: TaskEnv, broker: redis.Redis
+) -> None:
+    """The acquire overlaps Celery building the message; a duplicate's message never leaves,
+    and the result subscription Celery made for it is undone."""
+    task = modes_app.until_executed
+    results = redis.Redis.from_url(env.backend_url)
+    try:
+        slot = _slot()
+        first = task.apply_async((slot,), task_id=f"first-{slot}")
+        wait_until(lambda: results.pubsub_channels(f"*first-{slot}"), 5,
+                   message="Celery subscribes to a published task's result")
+        again = task.apply_async((slot,), task_id=f"dup-{slot}")
+        assert again.id == first.id
+        assert _queued_ids(broker) == [first.id]
+        wait_until(lambda: not results.pubsub_channels(f"*dup-{slot}"), 5,
+                   message="the duplicate's result subscription is gone")
+    finally:
+        results.close()
+
+
+def test_a_publish_that_skips_before_task_publish_still_judges_the_lock(
+    env: TaskEnv, broker: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the signal (a custom publish path) the lock is read after the publish: the
+    message went out, the caller is told it is a duplicate in the log, and the worker will
+    turn it away on arrival (its token is not the lock's)."""
+    task = modes_app.until_executed
+    slot = _slot()
+    first = task.delay(slot)
+    uid = f"celery-singleton-lock:{task.name}"
+    assert before_task_publish.disconnect(sender=task.name, dispatch_uid=uid)
+    try:
+        with caplog.at_level("WARNING", logger="celery_singleton_lock"):
+            second = task.delay(slot)
+    finally:
+        before_task_publish.connect(task_module._before_publish, sender=task.name, weak=False,
+                                    dispatch_uid=uid)
+    assert second.id != first.id
+    assert sorted(_queued_ids(broker)) == sorted([first.id, second.id])
+    assert _owner(env, task.lock_key_for(slot)) == first.id
+    assert any("was published although" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("policy", ["fail", "run"])
+def test_store_down_at_enqueue_raises_or_publishes_unlocked(
+    env: TaskEnv, broker: redis.Redis, policy: str
+) -> None:
+    app = configure(Celery(f"down-{policy}"), env.broker_url, env.backend_url,
+                    f"redis://127.0.0.1:{free_port()}/0", singleton_lock_socket_timeout=0.5)
+
+    @app.task(base=LockedTask, name=f"down.{policy}", lock_mode="until_executed",
+              lock_on_backend_error=policy, shared=False)
+    def down(slot: str) -> str:
+        return slot
+
+    slot = _slot()
+    if policy == "fail":
+        with pytest.raises(LockBackendError, match="masters answered"):
+            down.delay(slot)
+        assert _queued_ids(broker) == []
+        return
+    result = down.delay(slot)
+    (raw,) = broker.lrange(DEFAULT_QUEUE, 0, -1)
+    message = json.loads(raw)
+    assert message["headers"]["id"] == result.id
+    assert TOKEN_HEADER not in message["headers"]  # no lock to hand over: taken on arrival
 
 
 def test_countdown_beyond_queued_ttl_is_still_protected(env: TaskEnv, broker: redis.Redis) -> None:
