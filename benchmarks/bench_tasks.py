@@ -558,8 +558,8 @@ def table(results: dict[str, Result], tasks: int) -> str:
     plain = results["plain Task"]
     lines = [
         "| task base class | tasks/s (end to end) | vs plain Task | tasks/s (worker) "
-        "| vs plain Task | per-round end-to-end ratios | lock round trips/task: publish "
-        "| lock round trips/task: worker |",
+        "| vs plain Task | per-round end-to-end ratios | lock commands/task: publish "
+        "| lock commands/task: worker |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for name in ORDER:
@@ -583,7 +583,7 @@ def table(results: dict[str, Result], tasks: int) -> str:
 
 
 def commands_detail(results: dict[str, Result], tasks: int) -> str:
-    lines = ["| task base class | round trips per task (MONITOR) | INFO commandstats per task "
+    lines = ["| task base class | commands sent per task (MONITOR) | INFO commandstats per task "
              "(Lua-run commands included) |",
              "| --- | --- | --- |"]
     for name in ORDER:
