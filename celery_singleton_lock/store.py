@@ -465,12 +465,17 @@ class RedisNode:
         on their way)."""
         if self._pid != os.getpid():
             return
-        for conn in list(self._idle):
-            if conn.owed:
-                try:
-                    conn.settle()
-                except (RedisError, OSError):
-                    conn.disconnect()
+        for conn in [c for c in self._idle if c.owed]:
+            try:
+                self._idle.remove(conn)  # check it out: another thread may be using the node
+            except ValueError:
+                continue  # taken meanwhile: its next batch reads what it owes
+            try:
+                conn.settle()
+            except (RedisError, OSError):
+                conn.disconnect()
+            finally:
+                self.put(conn)
 
     def client(self) -> redis.Redis:
         if self._client is None:
