@@ -212,6 +212,43 @@ def test_killed_pool_child_releases_lock_within_1s(
     assert isinstance(result.result, WorkerLostError)
 
 
+@pytest.mark.slow
+def test_replacement_child_keeps_its_own_lock_while_the_killed_ones_is_released(
+    env: TaskEnv,
+) -> None:
+    """With one child, its replacement takes the same board row the killed child posted in:
+    the dead child's lock is still released by the main process, and the new child's lock is
+    still renewed by it (the task outlives its ttl three times)."""
+    queue = f"replace-{uuid.uuid4().hex[:8]}"
+    worker = env.worker(pool="prefork", concurrency=1, queues=[queue])
+    try:
+        worker.start()
+        first, second = _tag(), _tag()
+        killed = release.sleeper.apply_async((first, 30.0), queue=queue)
+        info = _start_info(env, first)
+        long_s = 3 * release.LOCK_TTL_S
+        survivor = release.sleeper.apply_async((second, long_s), queue=queue)
+        killed_at = time.time()
+        os.kill(info["pid"], signal.SIGKILL)
+        elapsed = _released_after(env, release.sleeper.lock_key_for(first, 30.0), killed_at)
+        assert elapsed <= RELEASE_BOUND_S, f"released {elapsed * 1000:.0f} ms after the kill"
+        replacement = _start_info(env, second)["pid"]
+        assert replacement != info["pid"]
+        key = release.sleeper.lock_key_for(second, long_s)
+        # The worker's main process has it (posted on the board), not only the child.
+        stats = release.app.control.inspect(destination=[worker.hostname], timeout=5).stats()
+        held = stats[worker.hostname]["singleton_locks"]["locks"]
+        assert [(h["key"], h["pid"]) for h in held] == [(key, replacement)]
+        env.wait(lambda: int(env.lock_client.hget(key, "renewals") or 0) >= 3, long_s,
+                 "the replacement child's lock renewed past its ttl")
+        assert survivor.get(timeout=15) == "slept"
+        poll_gone(env.lock_client, key, timeout_s=5)
+        env.wait_ready([killed.id], 10)
+        assert isinstance(killed.result, WorkerLostError)
+    finally:
+        env.stop_workers([worker])
+
+
 def test_warm_shutdown_lets_the_task_finish_and_releases_lock_within_1s(
     env: TaskEnv, record_property: Callable[[str, object], None]
 ) -> None:
