@@ -53,7 +53,8 @@ class LeaseBoard:
             raise ValueError(f"n_indexes must be >= 1, got {n_indexes}")
         self.n_indexes = n_indexes
         self.n_slots = n_indexes * SLOTS_PER_CHILD
-        self._heads = 0
+        #: Bytes of one slot's header in :meth:`headers`.
+        self.header_size = _HEAD.size
         self._mains = self.n_slots * _HEAD.size
         self._payloads = self._mains + self.n_slots * _MAIN.size
         self.mem = mmap.mmap(-1, self._payloads + self.n_slots * PAYLOAD_SIZE)
@@ -70,7 +71,7 @@ class LeaseBoard:
         mem = self.mem
         first = index * SLOTS_PER_CHILD
         for slot in range(first, first + SLOTS_PER_CHILD):
-            head = self._heads + slot * _HEAD.size
+            head = slot * _HEAD.size
             seq, _pid, length, _crc = _HEAD.unpack_from(mem, head)
             if length:
                 continue
@@ -87,7 +88,7 @@ class LeaseBoard:
         """Empty the slot posted as ``seq``; the renewals the main process made meanwhile."""
         mem = self.mem
         renewed_seq, renewals = _MAIN.unpack_from(mem, self._mains + slot * _MAIN.size)
-        head = self._heads + slot * _HEAD.size
+        head = slot * _HEAD.size
         _SEQ.pack_into(mem, head, seq + 1)
         struct.pack_into("<I", mem, head + _LENGTH_AT, 0)
         _SEQ.pack_into(mem, head, seq + 2)
@@ -97,16 +98,12 @@ class LeaseBoard:
 
     def headers(self) -> bytes:
         """Every slot's header, as one string of bytes (compare it to see what changed)."""
-        return self.mem[self._heads:self._heads + self.n_slots * _HEAD.size]
-
-    @staticmethod
-    def header_of(headers: bytes, slot: int) -> bytes:
-        return headers[slot * _HEAD.size:(slot + 1) * _HEAD.size]
+        return self.mem[:self._mains]
 
     def read(self, slot: int, attempts: int = 3) -> tuple[int, int, dict[str, Any] | None] | None:
         """``(seq, pid, msg or None if empty)``, or None while a write is in progress or torn."""
         mem = self.mem
-        head = self._heads + slot * _HEAD.size
+        head = slot * _HEAD.size
         at = self._payloads + slot * PAYLOAD_SIZE
         for _ in range(attempts):
             seq, pid, length, crc = _HEAD.unpack_from(mem, head)
@@ -126,11 +123,7 @@ class LeaseBoard:
         return None
 
     def pid_of(self, slot: int) -> int:
-        return int(_HEAD.unpack_from(self.mem, self._heads + slot * _HEAD.size)[1])
-
-    def is_empty(self, slot: int) -> bool:
-        head = self._heads + slot * _HEAD.size
-        return not struct.unpack_from("<I", self.mem, head + _LENGTH_AT)[0]
+        return int(_HEAD.unpack_from(self.mem, slot * _HEAD.size)[1])
 
     def renewed(self, slot: int, seq: int, renewals: int) -> None:
         """Record, for the child, how often the main process renewed post ``seq``."""
@@ -138,8 +131,6 @@ class LeaseBoard:
 
     def free(self, slot: int) -> None:
         """Empty a slot read whole whose child is gone (a child only writes empty slots)."""
-        head = self._heads + slot * _HEAD.size
+        head = slot * _HEAD.size
         struct.pack_into("<I", self.mem, head + _LENGTH_AT, 0)
 
-    def close(self) -> None:
-        self.mem.close()

@@ -604,10 +604,6 @@ class AcquireInFlight:
         self._pending: list[Pending] | None = pending
         self._result: AcquireResult | None = None
 
-    @property
-    def done(self) -> bool:
-        return self._result is not None
-
     def finish(self) -> AcquireResult:
         """Read every master's reply and judge the round (once; later calls return it)."""
         if self._result is None:

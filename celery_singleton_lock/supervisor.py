@@ -84,7 +84,8 @@ class Supervisor:
         self.held: dict[Ident, tuple[Lease, dict[str, Any]]] = {}
         #: slot -> (seq, lock) of the post last read there
         self._slots: dict[int, tuple[int, Ident]] = {}
-        self._headers = b""
+        #: Every slot's header as last read whole (an all-zero header: never posted).
+        self._headers = bytearray(len(self.board.headers()))
         self._stopped = False
         self._wake = threading.Event()
         self._scan_mutex = threading.Lock()
@@ -112,31 +113,19 @@ class Supervisor:
     def scan(self) -> None:
         """Adopt the locks posted since the last reading, forget those the children let go.
 
-        One thread at a time, so a lock is never adopted after its child cleared it.
+        One thread at a time, so a lock is never adopted after its child cleared it. A slot
+        is read again only when its header changed since it was last read whole.
         """
         board = self.board
+        size = board.header_size
         with self._scan_mutex:
             headers = board.headers()
-            previous = self._headers
-            if headers == previous:
-                self._publish_renewals()
-                return
-            unread = []
-            for slot in range(board.n_slots):
-                now = board.header_of(headers, slot)
-                if previous and now == board.header_of(previous, slot):
-                    continue
-                if not self._read_slot(slot):
-                    unread.append(slot)
-            if unread:  # read again next time: keep their old headers in the snapshot
-                parts = bytearray(headers)
-                for slot in unread:
-                    old = (board.header_of(previous, slot) if previous
-                           else bytes(len(board.header_of(headers, slot))))
-                    size = len(old)
-                    parts[slot * size:(slot + 1) * size] = old
-                headers = bytes(parts)
-            self._headers = headers
+            seen = self._headers
+            if headers != seen:
+                for at in range(0, len(headers), size):
+                    now = headers[at:at + size]
+                    if now != seen[at:at + size] and self._read_slot(at // size):
+                        seen[at:at + size] = now
             self._publish_renewals()
 
     def _read_slot(self, slot: int) -> bool:

@@ -427,7 +427,8 @@ class LockedTask(Task):
             if poster is not None:
                 held.lease.renewals = poster.clear(held.post)
             held.post = None
-        get_renewer().remove(held.lease)
+        elif held.lease.registered:
+            get_renewer().remove(held.lease)
 
     def _let_go(self, held: _Held, req: Any, reason: str) -> None:
         lease = held.lease
