@@ -7,25 +7,56 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
+from ._process import current_pid, new_token
 from .errors import LockBackendError, LockConfigError
 from .keys import name_key, validate_key_prefix
 from .lease import Lease
 from .renewer import get_renewer
-from .store import AcquireResult, Store, get_store
+from .store import AcquireResult, PackedArgs, Store, get_store
 
-__all__ = ["Redlock", "check_ttl"]
+__all__ = ["Redlock", "check_ttl", "try_acquire"]
 
 logger = logging.getLogger("celery_singleton_lock.lock")
 
 _HOSTNAME = socket.gethostname()
+
+
+def try_acquire(
+    store: Store,
+    key: str,
+    ttl_s: float,
+    fixed: PackedArgs | None = None,
+    *,
+    owner: str = "",
+    task_name: str = "",
+    metadata: Sequence[tuple[str, Any]] = (),
+) -> tuple[Lease | None, AcquireResult]:
+    """One acquire round with a new token: ``(lease, result)``, the lease None if not taken.
+
+    ``fixed`` and ``metadata`` go into the lock hash with the acquisition time. Raises
+    :class:`LockBackendError` when too few masters answered for a quorum.
+    """
+    token = new_token()
+    now = time.time()
+    result = store.acquire(key, token, ttl_s, [*metadata, ("acquired_at", f"{now:.6f}")], fixed)
+    if result.acquired:
+        lease = Lease(store, key, token, ttl_s, fencing_token=result.fence,
+                      started=result.started, validity_s=result.validity_s, acquired_at=now,
+                      owner=owner, task_name=task_name)
+        return lease, result
+    if result.backend_down:
+        raise LockBackendError(
+            f"cannot lock {key!r}: fewer than {store.quorum} of "
+            f"{store.n_masters} masters answered ({'; '.join(result.errors)})",
+            lock_key=key,
+        )
+    return None, result
 
 
 def check_ttl(value: Any, setting: str) -> float:
@@ -93,6 +124,8 @@ class Redlock:
         # Fields that do not change between attempts, flattened once.
         self._static_meta = [*self._metadata.items(), ("ttl", self.ttl), ("renewals", 0)]
         self._on_lost = on_lost
+        #: (pid, the fixed metadata packed for that process), made at the first attempt.
+        self._fixed: tuple[int, PackedArgs] | None = None
         self._lease: Lease | None = None
         #: The outcome of the last failed attempt (holder id, ttl left), if any.
         self.last_attempt: AcquireResult | None = None
@@ -120,33 +153,20 @@ class Redlock:
     # -- acquire --------------------------------------------------------------------------
 
     def _attempt(self) -> bool:
-        token = secrets.token_hex(16)
-        meta = [*self._static_meta, ("pid", os.getpid()), ("acquired_at", f"{time.time():.6f}")]
-        result = self.store.acquire(self.key, token, self.ttl, meta)
-        if result.acquired:
+        fixed = self._fixed
+        if fixed is None or fixed[0] != current_pid():
+            pid = current_pid()
+            fixed = self._fixed = (pid, PackedArgs.of([*self._static_meta, ("pid", pid)]))
+        task_name = str(self._metadata.get("task", ""))
+        lease, result = try_acquire(self.store, self.key, self.ttl, fixed[1], owner=self.owner,
+                                    task_name=task_name)
+        if lease is not None:
             self.last_attempt = None
-            lease = Lease(
-                self.store,
-                self.key,
-                token,
-                self.ttl,
-                fencing_token=result.fence,
-                started=result.started,
-                validity_s=result.validity_s,
-                owner=self.owner,
-                task_name=str(self._metadata.get("task", "")),
-            )
             if self._on_lost is not None:
                 lease.on_lost(self._on_lost)
             self._lease = lease
             return True
         self.last_attempt = result
-        if result.backend_down:
-            raise LockBackendError(
-                f"cannot lock {self.key!r}: fewer than {self.store.quorum} of "
-                f"{self.store.n_masters} masters answered ({'; '.join(result.errors)})",
-                lock_key=self.key,
-            )
         return False
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:

@@ -37,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._process import current_pid
 from .errors import LockBackendError, LockConfigError
 from .redlock import MasterReply, RoundOutcome, judge_acquire, judge_owned, quorum, validity_s
 from .renewer import get_renewer
@@ -44,6 +45,7 @@ from .urls import parse_store_url, redact_url
 
 __all__ = [
     "Call",
+    "PackedArgs",
     "Node",
     "RedisNode",
     "ClusterNode",
@@ -114,27 +116,53 @@ class Call(NamedTuple):
         return self.evalsha() if self.script is not None else self.command
 
 
-def pack_resp(commands: Sequence[Sequence[Any]]) -> bytes:
-    """Encode commands in RESP once, for every master (redis-py would pack per connection)."""
+def _pack_args(args: Iterable[Any]) -> bytes:
+    """RESP bulk strings of ``args``, without the array header."""
     out: list[bytes] = []
     append = out.append
-    for args in commands:
-        append(b"*%d\r\n" % len(args))
-        for arg in args:
-            kind = type(arg)
-            if kind is str:
-                data = arg.encode()
-            elif kind is bytes:
-                data = arg
-            elif kind is int:
-                data = b"%d" % arg
-            elif kind is float:
-                data = repr(arg).encode()
-            else:
-                data = str(arg).encode()
-            append(b"$%d\r\n%b\r\n" % (len(data), data))
+    for arg in args:
+        kind = type(arg)
+        if kind is str:
+            data = arg.encode()
+        elif kind is bytes:
+            data = arg
+        elif kind is int:
+            data = b"%d" % arg
+        elif kind is float:
+            data = repr(arg).encode()
+        else:
+            data = str(arg).encode()
+        append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
 
+
+def pack_resp(commands: Sequence[Sequence[Any]]) -> bytes:
+    """Encode commands in RESP once, for every master (redis-py would pack per connection)."""
+    return b"".join(b"*%d\r\n%b" % (len(args), _pack_args(args)) for args in commands)
+
+
+class PackedArgs(NamedTuple):
+    """Trailing arguments packed once and sent with many commands (an acquire's fixed metadata:
+    task name, hostname, pid...), so a task's acquire packs only what changes."""
+
+    flat: tuple[Any, ...]
+    packed: bytes
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, Any]]) -> PackedArgs:
+        flat = tuple(item for pair in pairs for item in pair)
+        return cls(flat, _pack_args(flat))
+
+
+#: ``EVALSHA <acquire sha> 2``, packed.
+_ACQUIRE_HEAD = _pack_args(("EVALSHA", SCRIPTS["acquire"].sha, 2))
+#: ``*6 EVAL <release source> 1``, packed: a posted release sends the whole script (no
+#: ``NOSCRIPT`` to handle in a reply read later).
+_RELEASE_EVAL_HEAD = b"*6\r\n" + _pack_args(("EVAL", SCRIPTS["release"].source, 1))
+
+
+#: A batch of one call whose packed bytes are all a node needs (a posted release).
+_ONE_CALL = (Call.plain("EVAL"),)
 
 #: A reply per call, or the exception that stands for it.
 Replies = list[Any]
@@ -405,18 +433,18 @@ class RedisNode:
         # disconnected before it comes back, and reconnects on its next use.
         self._new = lambda: _Wire(self.pool.connection_class(**self.pool.connection_kwargs))
         self._idle: list[_Wire] = []
-        self._pid = os.getpid()
+        self._pid = current_pid()
 
     def get(self) -> _Wire:
-        if self._pid != os.getpid():  # forked: the parent's sockets are not ours
-            self._idle, self._pid = [], os.getpid()
+        if self._pid != current_pid():  # forked: the parent's sockets are not ours
+            self._idle, self._pid = [], current_pid()
         try:
             return self._idle.pop()
         except IndexError:
             return self._new()
 
     def put(self, conn: _Wire) -> None:
-        if self._pid == os.getpid():
+        if self._pid == current_pid():
             self._idle.append(conn)
 
     def _send(self, conn: _Wire, packed: bytes) -> bool:
@@ -707,15 +735,28 @@ class Store:
     # -- lock operations ------------------------------------------------------------------
 
     def acquire(
-        self, key: str, token: str, ttl_s: float, metadata: Sequence[tuple[str, Any]] = ()
+        self,
+        key: str,
+        token: str,
+        ttl_s: float,
+        metadata: Sequence[tuple[str, Any]] = (),
+        fixed: PackedArgs | None = None,
     ) -> AcquireResult:
         """One Redlock round: take ``key`` on a quorum within the validity, or release it all."""
-        return self.begin_acquire(key, token, ttl_s, metadata).finish()
+        return self.begin_acquire(key, token, ttl_s, metadata, fixed).finish()
 
     def begin_acquire(
-        self, key: str, token: str, ttl_s: float, metadata: Sequence[tuple[str, Any]] = ()
+        self,
+        key: str,
+        token: str,
+        ttl_s: float,
+        metadata: Sequence[tuple[str, Any]] = (),
+        fixed: PackedArgs | None = None,
     ) -> AcquireInFlight:
         """Send an acquire to every master; :meth:`AcquireInFlight.finish` reads and judges.
+
+        ``metadata`` (field, value pairs) and ``fixed`` (more pairs, packed once by the caller)
+        are written into the lock hash.
 
         Lets the caller do other work while the masters answer (``finish()`` must be called:
         until then each master's connection is taken).
@@ -724,10 +765,15 @@ class Store:
         args: list[Any] = [token, ttl_ms, FENCE_TTL_MS]
         for field, value in metadata:
             args.extend((field, value))
-        call = Call.run("acquire", (key, fence_key_for(key)), args)
+        keys = (key, fence_key_for(key))
+        head = _pack_args((*keys, *args))
+        if fixed is not None:
+            args.extend(fixed.flat)
+            head += fixed.packed
+        call = Call("acquire", keys, tuple(args))
+        packed = b"*%d\r\n%b%b" % (len(args) + 5, _ACQUIRE_HEAD, head)
         started = self.clock()
         calls = [call]
-        packed = pack_resp([call.packed()])
         pending = [node.send(calls, packed) for node in self.nodes]
         return AcquireInFlight(self, key, token, ttl_s, started, pending)
 
@@ -834,14 +880,16 @@ class Store:
         cannot post (a cluster, the memory store) release at once.
         """
         channel = channel_for(key) if self.notify else ""
-        call = Call.plain(*Call.run("release", (key,), (token, channel)).eval())
-        packed = pack_resp([call.command])
+        packed = _RELEASE_EVAL_HEAD + _pack_args((key, token, channel))
+        done = None
         for i, node in enumerate(self.nodes):
             post = getattr(node, "post", None)
             if post is None:
                 self.release(key, token, nodes=[i], deadline=deadline)
                 continue
-            post([call], packed, functools.partial(self._released_later, key, token, deadline))
+            if done is None:
+                done = functools.partial(self._released_later, key, token, deadline)
+            post(_ONE_CALL, packed, done)
 
     def _released_later(self, key: str, token: str, deadline: float | None,
                         replies: Replies) -> None:

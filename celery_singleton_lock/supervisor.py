@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._process import current_pid
 from .board import LeaseBoard
 from .lease import Lease
 from .renewer import get_renewer
@@ -253,7 +254,7 @@ class ChildPoster:
 
     def post(self, msg: dict[str, Any]) -> tuple[int, int] | None:
         """Post a lock; a handle for :meth:`clear`, or None if there is no room for it."""
-        return self.board.post(self.index, os.getpid(), msg)
+        return self.board.post(self.index, current_pid(), msg)
 
     def clear(self, handle: tuple[int, int]) -> int:
         """Take the post down (before the release); the main process's renewals of it."""
@@ -304,7 +305,7 @@ def child_started() -> None:
     the task body forks itself inherits the index but not the right to use it.
     """
     global _poster, _poster_pid
-    _poster, _poster_pid = None, os.getpid()
+    _poster, _poster_pid = None, current_pid()
     if _board is None or _main_pid == _poster_pid:
         return
     try:
@@ -319,4 +320,4 @@ def child_started() -> None:
 
 def current_poster() -> ChildPoster | None:
     """The poster, in a pool child of a supervised worker only."""
-    return _poster if _poster_pid == os.getpid() else None
+    return _poster if _poster_pid == current_pid() else None

@@ -12,9 +12,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import logging
-import os
 import random
-import secrets
 import socket
 import threading
 import time
@@ -27,12 +25,14 @@ from celery.signals import before_task_publish
 from celery.utils import uuid
 
 from . import signals
+from ._process import current_pid, new_token
 from .errors import DuplicateTaskError, LockBackendError, LockConfigError, LockLostError
 from .keys import lock_key_for, validate_lock_key_option
 from .lease import Lease
+from .lock import try_acquire
 from .renewer import get_renewer
 from .settings import LockOptions, register_defaults, resolve_options, resolve_store_url
-from .store import AcquireInFlight, Store, get_store
+from .store import AcquireInFlight, PackedArgs, Store, get_store
 from .supervisor import current_poster
 
 __all__ = ["LockedTask", "REQUEUE_HEADER", "TOKEN_HEADER", "execution_key"]
@@ -167,11 +167,11 @@ class LockedTask(Task):
     def lock_store(self) -> Store:
         cache = self._cache()
         store = cache.get("store")
-        if store is None or cache.get("pid") != os.getpid():
+        if store is None or cache.get("pid") != current_pid():
             url = resolve_store_url(self.app)
             store = get_store(url, socket_timeout=self.lock_options.socket_timeout,
                               setting="singleton_lock_url")
-            cache["store"], cache["pid"] = store, os.getpid()
+            cache["store"], cache["pid"] = store, current_pid()
         return store
 
     def _cache(self) -> dict[str, Any]:
@@ -255,17 +255,17 @@ class LockedTask(Task):
         if not token:
             return None
         store = self.lock_store
-        new_token = secrets.token_hex(16)
+        fresh = new_token()
         started = store.clock()
-        meta = [("owner", req.id), ("hostname", req.hostname or _HOSTNAME), ("pid", os.getpid()),
+        meta = [("owner", req.id), ("hostname", req.hostname or _HOSTNAME), ("pid", current_pid()),
                 ("ttl", opts.ttl)]
         try:
-            fence = store.handover(key, str(token), new_token, opts.ttl, meta)
+            fence = store.handover(key, str(token), fresh, opts.ttl, meta)
         except LockBackendError:
             return None
         if fence is None:
             return None
-        lease = Lease(store, key, new_token, opts.ttl, started=started, owner=req.id,
+        lease = Lease(store, key, fresh, opts.ttl, started=started, owner=req.id,
                       task_name=self.name, fencing_token=fence)
         signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id, lease=lease)
         return lease
@@ -273,33 +273,44 @@ class LockedTask(Task):
     def _take(
         self, key: str, opts: LockOptions, req: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Lease | None:
-        from .lock import Redlock
-
-        lock = Redlock(
-            self.name,
-            store=self.lock_store,
-            key=key,
-            ttl=opts.ttl,
-            owner=req.id,
-            metadata={"task": self.name, "mode": opts.mode, "hostname": req.hostname or _HOSTNAME},
-        )
+        hostname = req.hostname or _HOSTNAME
         try:
             if opts.on_duplicate == "wait":  # tries at once, then sleeps on release notices
-                got = lock.acquire(timeout=opts.wait_timeout)
+                from .lock import Redlock
+
+                lock = Redlock(self.name, store=self.lock_store, key=key, ttl=opts.ttl,
+                               owner=req.id, metadata={"task": self.name, "mode": opts.mode,
+                                                       "hostname": hostname})
+                lease = lock.lease if lock.acquire(timeout=opts.wait_timeout) else None
+                attempt = lock.last_attempt
             else:
-                got = lock.acquire(blocking=False)
+                lease, attempt = try_acquire(self.lock_store, key, opts.ttl,
+                                             self._fixed_metadata(opts, hostname),
+                                             owner=req.id, task_name=self.name,
+                                             metadata=(("owner", req.id),))
         except LockBackendError as exc:
             self._backend_error(exc, key, opts, req, args, kwargs)
             return None  # lock_on_backend_error="run": the body runs unlocked
-        if got:
-            assert lock.lease is not None
-            signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id,
-                                       lease=lock.lease)
-            return lock.lease
-        attempt = lock.last_attempt
+        if lease is not None:
+            if signals.lock_acquired.receivers:
+                signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id,
+                                           lease=lease)
+            return lease
         holder = attempt.holder if attempt is not None else None
         self._duplicate(key, holder, opts, req, args, kwargs)
         raise AssertionError("unreachable")  # _duplicate always raises
+
+    def _fixed_metadata(self, opts: LockOptions, hostname: str) -> PackedArgs:
+        """The lock hash fields that are the same for every run here, packed once."""
+        cache = self._cache()
+        ident = (current_pid(), hostname)
+        fixed = cache.get("fixed")
+        if fixed is None or fixed[0] != ident:
+            packed = PackedArgs.of([("task", self.name), ("hostname", hostname),
+                                    ("mode", opts.mode), ("ttl", opts.ttl), ("renewals", 0),
+                                    ("pid", ident[0])])
+            fixed = cache["fixed"] = (ident, packed)
+        return fixed[1]
 
     def _backend_error(
         self, exc: LockBackendError, key: str, opts: LockOptions, req: Any,
@@ -439,7 +450,7 @@ class LockedTask(Task):
             # The reply is read with the next batch on that connection: the release costs
             # this task a write, not a round trip (a failed master is retried later).
             released = lease.release(wait=False)
-            if released:
+            if released and signals.lock_released.receivers:
                 signals.lock_released.send(sender=self, lock_key=lease.key, task_id=req.id,
                                            reason=reason)
         except Exception:  # a release error must not turn into a task failure
@@ -481,7 +492,7 @@ class LockedTask(Task):
         ttl = opts.queued_ttl + _delay_s(options)
         # The queued lock is not renewed and has no handle here: the store's acquire round
         # (the one Redlock makes) with the token that travels in the message.
-        token = secrets.token_hex(16)
+        token = new_token()
         # No worker holds a queued lock yet: hostname and pid are filled in when one takes it.
         meta = [("owner", task_id), ("task", self.name), ("mode", opts.mode), ("ttl", ttl),
                 ("acquired_at", f"{time.time():.6f}")]
@@ -546,21 +557,21 @@ class LockedTask(Task):
     ) -> Any:
         """until_executed + self.retry(): hand the running lock back to the queued message."""
         lease = held.lease
-        new_token = secrets.token_hex(16)
+        fresh = new_token()
         self._stop_renewal(held)
         kept = lease.store.handover(
-            lease.key, lease.token, new_token, opts.queued_ttl + _delay_s(options),
-            [("pid", os.getpid())],
+            lease.key, lease.token, fresh, opts.queued_ttl + _delay_s(options),
+            [("pid", current_pid())],
         )
         if kept is None:
             return super().apply_async(args, kwargs, **options)
         held.kept = True
-        options["headers"] = {**(options.get("headers") or {}), TOKEN_HEADER: new_token}
+        options["headers"] = {**(options.get("headers") or {}), TOKEN_HEADER: fresh}
         try:
             return super().apply_async(args, kwargs, **options)
         except BaseException:
             held.kept = False
-            lease.store.release(lease.key, new_token)
+            lease.store.release(lease.key, fresh)
             raise
 
 
