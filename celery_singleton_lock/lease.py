@@ -42,7 +42,7 @@ class Lease:
     ) -> None:
         #: The lock's full Redis key.
         self.key = key
-        #: The random token that proves ownership (``secrets.token_hex(16)``).
+        #: The token that proves ownership: 32 hex digits, unique per acquisition.
         self.token = token
         #: An integer that grows with every acquisition of this key.
         self.fencing_token = fencing_token

@@ -367,7 +367,7 @@ def test_lock_handle_exposes_key_token_and_fencing_token(backend: Backend, name:
     assert lock.release()
     assert lock.token is None and lock.fencing_token is None
     assert lock.acquire(blocking=False)
-    assert lock.token != first_token  # a fresh random token per acquisition
+    assert lock.token != first_token  # a fresh token per acquisition
     assert lock.release()
 
     assert backend.lock(name, key_prefix="myapp").key == f"myapp:{{{name}}}"

@@ -13,8 +13,9 @@ import pytest
 import redis
 from redis.exceptions import NoScriptError, ResponseError
 
+from celery_singleton_lock._process import current_pid, new_token
 from celery_singleton_lock.board import PAYLOAD_SIZE, SLOTS_PER_CHILD, LeaseBoard
-from celery_singleton_lock.store import Call, RedisNode, Store
+from celery_singleton_lock.store import Call, PackedArgs, RedisNode, Store
 from tests.servers import RedisServer, wait_until
 
 
@@ -59,6 +60,51 @@ def test_a_script_missing_after_a_restart_is_sent_whole(redis_server: RedisServe
         assert store.release("csl:{w}", "t2") == 1
     finally:
         store.close()
+
+
+def test_fixed_metadata_is_written_also_through_the_noscript_fallback(
+    redis_server: RedisServer,
+) -> None:
+    """The packed-once fields go into the lock hash, also when the script must be sent whole."""
+    store = Store.from_url(redis_server.url, socket_timeout=2.0)
+    client = redis.Redis.from_url(redis_server.url)
+    fixed = PackedArgs.of([("task", "t.name"), ("pid", 4321), ("ttl", 30.0)])
+    try:
+        for token, restart in (("t1", False), ("t2", True)):
+            if restart:
+                redis_server.restart()  # an empty script cache: EVAL with the same arguments
+            key = f"csl:{{fixed-{token}}}"
+            assert store.acquire(key, token, 30, [("owner", f"id-{token}")], fixed).acquired
+            assert client.hgetall(key) == {
+                b"token": token.encode(), b"owner": f"id-{token}".encode(),
+                b"task": b"t.name", b"pid": b"4321", b"ttl": b"30.0",
+            }
+            assert 0 < client.pttl(key) <= 30_000
+    finally:
+        client.close()
+        store.close()
+
+
+def test_tokens_are_unique_and_a_forked_child_gets_its_own() -> None:
+    tokens = {new_token() for _ in range(1000)}
+    assert len(tokens) == 1000
+    assert all(len(t) == 32 and int(t, 16) >= 0 for t in tokens)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its pid and first token, then exit without cleanup
+        os.write(write, f"{current_pid()} {os.getpid()} {new_token()}".encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        reported, real, child_token = os.read(read, 200).decode().split()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert int(reported) == int(real) == pid
+    assert current_pid() == os.getpid() != pid
+    # Another process: another random prefix, so even its first token is new here.
+    assert child_token[:16] not in {t[:16] for t in tokens}
+    assert child_token not in tokens
 
 
 def _node(store: Store) -> RedisNode:
