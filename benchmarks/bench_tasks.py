@@ -40,7 +40,7 @@ fails shows ``n/a`` with the reason.
 Usage::
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/bench_tasks.py [--tasks 2000] [--rounds 5] [--count 200]
+    python benchmarks/bench_tasks.py [--tasks 2000] [--rounds 9] [--count 200]
                                      [--only LockedTask,celery-once] [--json out.json]
 
 The Markdown table goes to stdout, progress to stderr. Nothing is asserted.
@@ -86,7 +86,7 @@ ENV_BROKER, ENV_BACKEND, ENV_LOCKS = "CSL_BENCH_BROKER", "CSL_BENCH_BACKEND", "C
 #: The queue the measured tasks go to, and the one the worker idles on between rounds.
 QUEUE, IDLE_QUEUE = "bench", "bench-idle"
 DEFAULT_TASKS = 2000
-DEFAULT_ROUNDS = 5
+DEFAULT_ROUNDS = 9  # single rounds swing by +-20 % on a busy 2-core machine
 DEFAULT_WARMUP = 200
 #: Tasks per contender in the MONITOR pass that counts round trips.
 DEFAULT_COUNT = 200
