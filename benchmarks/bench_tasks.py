@@ -422,12 +422,7 @@ class Bench:
         started = time.time()
         self.worker.consume(QUEUE)
         try:
-            deadline = time.monotonic() + timeout_s
-            while self.backend.dbsize() < n:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{task_name}: only {self.backend.dbsize()} of {n} "
-                                       f"results after {timeout_s:.0f}s\n{self.worker.log_tail()}")
-                time.sleep(0.005)
+            self._wait_results(task_name, n, timeout_s)
             wall_s = time.time() - started
         finally:
             self.worker.stop_consuming(QUEUE)
@@ -455,15 +450,19 @@ class Bench:
             started = time.time()
             for i in self._args(n):
                 ids.append(task.apply_async((i,), queue=QUEUE).id)
-            deadline = time.monotonic() + timeout_s
-            while self.backend.dbsize() < n:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{task_name}: only {self.backend.dbsize()} of {n} "
-                                       f"results after {timeout_s:.0f}s\n{self.worker.log_tail()}")
-                time.sleep(0.005)
+            self._wait_results(task_name, n, timeout_s)
         finally:
             self.worker.stop_consuming(QUEUE)
         return n / (max(self._done(ids, task_name)) - started)
+
+    def _wait_results(self, task_name: str, n: int, timeout_s: float) -> None:
+        """Poll the result backend until ``n`` results are stored (or fail after the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while self.backend.dbsize() < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{task_name}: only {self.backend.dbsize()} of {n} results "
+                                   f"after {timeout_s:.0f}s\n{self.worker.log_tail()}")
+            time.sleep(0.005)
 
     def _rate(self, ids: Sequence[str], task_name: str) -> float:
         done = self._done(ids, task_name)

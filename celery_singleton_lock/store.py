@@ -161,9 +161,6 @@ _ACQUIRE_HEAD = _pack_args(("EVALSHA", SCRIPTS["acquire"].sha, 2))
 _RELEASE_EVAL_HEAD = b"*6\r\n" + _pack_args(("EVAL", SCRIPTS["release"].source, 1))
 
 
-#: A batch of one call whose packed bytes are all a node needs (a posted release).
-_ONE_CALL = (Call.plain("EVAL"),)
-
 #: A reply per call, or the exception that stands for it.
 Replies = list[Any]
 
@@ -472,26 +469,25 @@ class RedisNode:
             return _failed(calls, exc)
         return _RedisPending(self, conn, calls, packed, reused)
 
-    def post(self, calls: Sequence[Call], packed: bytes,
-             done: Callable[[Replies], None]) -> None:
-        """Send ``calls`` without waiting: ``done(replies)`` runs when the connection is next
-        read (its next batch), or at once if the batch cannot be sent. Calls must not need
-        the ``NOSCRIPT`` fallback: send whole scripts (``Call.eval``)."""
+    def post(self, packed: bytes, n_replies: int, done: Callable[[Replies], None]) -> None:
+        """Send a packed batch without waiting: ``done(replies)`` runs when the connection is
+        next read (its next batch), or at once if the batch cannot be sent. The batch must not
+        need the ``NOSCRIPT`` fallback: send whole scripts (``EVAL``)."""
         conn = self.get()
         try:
             self._send(conn, packed)
         except (RedisError, OSError) as exc:
             conn.disconnect()
             self.put(conn)
-            done([exc] * len(calls))
+            done([exc] * n_replies)
             return
-        conn.owed.append((len(calls), done))
+        conn.owed.append((n_replies, done))
         self.put(conn)
 
     def settle(self) -> None:
         """Read every reply owed to posted batches (each connection's are already there or
         on their way)."""
-        if self._pid != os.getpid():
+        if self._pid != current_pid():
             return
         for conn in [c for c in self._idle if c.owed]:
             try:
@@ -865,11 +861,17 @@ class Store:
                 failed = True
             elif _as_int(reply) == 1:
                 released += 1
-        if failed and deadline is not None and deadline > self.clock():
+        if failed:
+            self._retry_later(key, token, deadline)
+        return released
+
+    def _retry_later(self, key: str, token: str, deadline: float | None) -> None:
+        """Have the background cleanup retry a release that failed somewhere, until
+        ``deadline`` (after which the lock has expired there anyway)."""
+        if deadline is not None and deadline > self.clock():
             with self._cleanup_lock:
                 self._cleanup.append((key, token, deadline))
             get_renewer().watch_cleanup(self)
-        return released
 
     def release_later(self, key: str, token: str, *, deadline: float | None = None) -> None:
         """Send the compare-and-delete to every master without waiting for the replies.
@@ -889,7 +891,7 @@ class Store:
                 continue
             if done is None:
                 done = functools.partial(self._released_later, key, token, deadline)
-            post(_ONE_CALL, packed, done)
+            post(packed, 1, done)
 
     def _released_later(self, key: str, token: str, deadline: float | None,
                         replies: Replies) -> None:
@@ -898,10 +900,7 @@ class Store:
             if _as_int(reply) != 1:
                 logger.info("lock %s was no longer held when its task released it", key)
             return
-        if deadline is not None and deadline > self.clock():
-            with self._cleanup_lock:
-                self._cleanup.append((key, token, deadline))
-            get_renewer().watch_cleanup(self)
+        self._retry_later(key, token, deadline)
 
     def settle(self) -> None:
         """Read the replies of releases sent with :meth:`release_later`."""

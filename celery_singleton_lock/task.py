@@ -32,7 +32,7 @@ from .lease import Lease
 from .lock import try_acquire
 from .renewer import get_renewer
 from .settings import LockOptions, register_defaults, resolve_options, resolve_store_url
-from .store import AcquireInFlight, PackedArgs, Store, get_store
+from .store import AcquireInFlight, AcquireResult, PackedArgs, Store, get_store
 from .supervisor import current_poster
 
 __all__ = ["LockedTask", "REQUEUE_HEADER", "TOKEN_HEADER", "execution_key"]
@@ -273,21 +273,23 @@ class LockedTask(Task):
     def _take(
         self, key: str, opts: LockOptions, req: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Lease | None:
-        hostname = req.hostname or _HOSTNAME
-        try:
-            if opts.on_duplicate == "wait":  # tries at once, then sleeps on release notices
-                from .lock import Redlock
+        store = self.lock_store
+        fixed = self._fixed_metadata(opts, req.hostname or _HOSTNAME)
 
-                lock = Redlock(self.name, store=self.lock_store, key=key, ttl=opts.ttl,
-                               owner=req.id, metadata={"task": self.name, "mode": opts.mode,
-                                                       "hostname": hostname})
-                lease = lock.lease if lock.acquire(timeout=opts.wait_timeout) else None
-                attempt = lock.last_attempt
-            else:
-                lease, attempt = try_acquire(self.lock_store, key, opts.ttl,
-                                             self._fixed_metadata(opts, hostname),
-                                             owner=req.id, task_name=self.name,
-                                             metadata=(("owner", req.id),))
+        def attempt() -> tuple[Lease | None, AcquireResult]:
+            return try_acquire(store, key, opts.ttl, fixed, owner=req.id, task_name=self.name,
+                               metadata=(("owner", req.id),))
+
+        try:
+            lease, result = attempt()
+            if lease is None and opts.on_duplicate == "wait":
+                # Sleep on release notices, trying again after each (and at the timeout).
+                def tried() -> bool:
+                    nonlocal lease, result
+                    lease, result = attempt()
+                    return lease is not None
+
+                store.wait_released(key, opts.wait_timeout, tried)
         except LockBackendError as exc:
             self._backend_error(exc, key, opts, req, args, kwargs)
             return None  # lock_on_backend_error="run": the body runs unlocked
@@ -296,8 +298,7 @@ class LockedTask(Task):
                 signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id,
                                            lease=lease)
             return lease
-        holder = attempt.holder if attempt is not None else None
-        self._duplicate(key, holder, opts, req, args, kwargs)
+        self._duplicate(key, result.holder, opts, req, args, kwargs)
         raise AssertionError("unreachable")  # _duplicate always raises
 
     def _fixed_metadata(self, opts: LockOptions, hostname: str) -> PackedArgs:

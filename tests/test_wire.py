@@ -26,6 +26,14 @@ def store(redis_server_module: RedisServer) -> Iterator[Store]:
     s.close()
 
 
+@pytest.fixture
+def admin(redis_server_module: RedisServer) -> Iterator[redis.Redis]:
+    """A plain redis-py client of the same server, to look at it from outside the store."""
+    client = redis.Redis.from_url(redis_server_module.url)
+    yield client
+    client.close()
+
+
 def one(store: Store, *command: object) -> object:
     return store.fanout([Call.plain(*command)])[0][0]
 
@@ -114,35 +122,27 @@ def _node(store: Store) -> RedisNode:
 
 
 def test_posted_release_runs_at_once_and_its_reply_is_read_with_the_next_batch(
-    store: Store, redis_server_module: RedisServer
+    store: Store, admin: redis.Redis
 ) -> None:
-    admin = redis.Redis.from_url(redis_server_module.url)
-    try:
-        assert store.acquire("csl:{p}", "tok", 30).acquired
-        store.release_later("csl:{p}", "tok", deadline=store.clock() + 30)
-        wait_until(lambda: not admin.exists("csl:{p}"), 2.0, message="lock released")
-        assert sum(len(c.owed) for c in _node(store)._idle) == 1  # not read yet
-        assert store.acquire("csl:{q}", "tok", 30).acquired  # the next batch reads it
-        assert sum(len(c.owed) for c in _node(store)._idle) == 0
-        assert not store._cleanup
-    finally:
-        admin.close()
+    assert store.acquire("csl:{p}", "tok", 30).acquired
+    store.release_later("csl:{p}", "tok", deadline=store.clock() + 30)
+    wait_until(lambda: not admin.exists("csl:{p}"), 2.0, message="lock released")
+    assert sum(len(c.owed) for c in _node(store)._idle) == 1  # not read yet
+    assert store.acquire("csl:{q}", "tok", 30).acquired  # the next batch reads it
+    assert sum(len(c.owed) for c in _node(store)._idle) == 0
+    assert not store._cleanup
 
 
 def test_posted_release_lost_with_its_connection_is_retried(
-    store: Store, redis_server_module: RedisServer
+    store: Store, admin: redis.Redis
 ) -> None:
-    admin = redis.Redis.from_url(redis_server_module.url)
-    try:
-        assert store.acquire("csl:{d}", "tok", 30).acquired
-        # The server drops our connection: the posted release never reaches it.
-        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-        store.release_later("csl:{d}", "tok", deadline=store.clock() + 30)
-        store.settle()  # reads the (missing) reply: the failure goes to the background retry
-        # Released long before its 30 s ttl, by the renewer's cleanup.
-        wait_until(lambda: not admin.exists("csl:{d}"), 5.0, message="lock released by retry")
-    finally:
-        admin.close()
+    assert store.acquire("csl:{d}", "tok", 30).acquired
+    # The server drops our connection: the posted release never reaches it.
+    admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    store.release_later("csl:{d}", "tok", deadline=store.clock() + 30)
+    store.settle()  # reads the (missing) reply: the failure goes to the background retry
+    # Released long before its 30 s ttl, by the renewer's cleanup.
+    wait_until(lambda: not admin.exists("csl:{d}"), 5.0, message="lock released by retry")
 
 
 # -- the board --------------------------------------------------------------------------------
