@@ -182,6 +182,19 @@ def enabled() -> bool:
     return _gate_value() == _ON
 
 
+#: ``dispatch_uid`` of this module's receivers of the package's signals.
+_UID = "celery_singleton_lock.events"
+
+
+def wanted(signal: Any) -> bool:
+    """Whether sending ``signal`` does anything: lock events are on, or a receiver other than
+    this module's listens. The task's hot path asks first, because a ``Signal.send`` that
+    reaches only an event sender with events off still costs several microseconds."""
+    if _gate[0] == _ON:
+        return True
+    return any(lookup[0] != _UID for lookup, _receiver in signal.receivers)
+
+
 # -- sending ----------------------------------------------------------------------------------
 
 
@@ -368,10 +381,10 @@ def install() -> None:
         if _installed:
             return
         _installed = True
-    signals.lock_acquired.connect(_on_acquired, weak=False)
-    signals.lock_duplicate.connect(_on_duplicate, weak=False)
-    signals.lock_released.connect(_on_released, weak=False)
-    signals.lock_lost.connect(_on_lost, weak=False)
+    signals.lock_acquired.connect(_on_acquired, weak=False, dispatch_uid=_UID)
+    signals.lock_duplicate.connect(_on_duplicate, weak=False, dispatch_uid=_UID)
+    signals.lock_released.connect(_on_released, weak=False, dispatch_uid=_UID)
+    signals.lock_lost.connect(_on_lost, weak=False, dispatch_uid=_UID)
     celery_signals.worker_shutdown.connect(_flush_on_shutdown, weak=False)
     celery_signals.worker_ready.connect(_refresh_when_ready, weak=False)
 

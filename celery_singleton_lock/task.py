@@ -24,7 +24,7 @@ from celery.exceptions import Ignore, Retry
 from celery.signals import before_task_publish
 from celery.utils import uuid
 
-from . import signals
+from . import events, signals
 from ._process import current_pid, new_token
 from .errors import DuplicateTaskError, LockBackendError, LockConfigError, LockLostError
 from .keys import lock_key_for, validate_lock_key_option
@@ -294,7 +294,7 @@ class LockedTask(Task):
             self._backend_error(exc, key, opts, req, args, kwargs)
             return None  # lock_on_backend_error="run": the body runs unlocked
         if lease is not None:
-            if signals.lock_acquired.receivers:
+            if events.wanted(signals.lock_acquired):
                 signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id,
                                            lease=lease)
             return lease
@@ -318,8 +318,6 @@ class LockedTask(Task):
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> None:
         policy = opts.on_backend_error
-        from . import events
-
         events.backend_error(self, key, req.id, policy, exc)
         if policy == "run":
             logger.warning("running %s[%s] without its lock %s: %s", self.name, req.id, key, exc)
@@ -451,7 +449,7 @@ class LockedTask(Task):
             # The reply is read with the next batch on that connection: the release costs
             # this task a write, not a round trip (a failed master is retried later).
             released = lease.release(wait=False)
-            if released and signals.lock_released.receivers:
+            if released and events.wanted(signals.lock_released):
                 signals.lock_released.send(sender=self, lock_key=lease.key, task_id=req.id,
                                            reason=reason)
         except Exception:  # a release error must not turn into a task failure

@@ -260,6 +260,55 @@ def test_lock_events_follow_the_workers_task_event_switch(env: TaskEnv, app: Cel
         env.stop_workers([quiet])
 
 
+def test_user_receivers_get_the_lock_signals_with_lock_events_off(
+    env: TaskEnv, app: Celery
+) -> None:
+    """With task events off, the hot path skips signals only this package listens to, never a
+    user's receiver: ``lock_acquired`` and ``lock_released`` reach one in a pool child."""
+    quiet = CeleryWorker(env.app_module, env.broker_url, env.backend_url, env.lock_url,
+                         record_url=env.record_url, pool="prefork", concurrency=1,
+                         queues=["signals"], events=False)
+    env.workers.append(quiet)
+    quiet.start()
+    try:
+        assert stats(app, quiet)["events"] is False
+        task = app.tasks["obs.signalled"]
+        result = task.apply_async((7,), queue="signals")
+        assert result.get(timeout=15) == 7
+        key = task.lock_key_for(7)
+        env.wait(lambda: env.records.llen(f"signal:{result.id}") >= 2, 10, "lock signals")
+        acquired, released = env.records.lrange(f"signal:{result.id}", 0, -1)
+    finally:
+        env.stop_workers([quiet])
+    name, got_key, fence = acquired.split()
+    assert (name, got_key) == ("lock_acquired", key) and int(fence) > 0
+    assert released.split() == ["lock_released", key, "success"]
+
+
+def test_signals_are_skipped_only_when_nobody_but_the_event_sender_listens() -> None:
+    """``events.wanted``: the hot path's test before ``Signal.send``."""
+    from celery.utils.dispatch import Signal
+
+    signal = Signal(name="probe", providing_args={"lock_key"})
+    previous = events._gate_value()
+    try:
+        events._set_gate(events._OFF)
+        assert not events.wanted(signal)  # nobody listens
+        signal.connect(events._on_acquired, weak=False, dispatch_uid=events._UID)
+        assert not events.wanted(signal)  # only the event sender, and events are off
+        events._set_gate(events._ON)
+        assert events.wanted(signal)  # events on: the sender has work to do
+
+        def user(**kwargs: Any) -> None:
+            pass
+
+        events._set_gate(events._OFF)
+        signal.connect(user, weak=False)
+        assert events.wanted(signal)  # a user's receiver always gets it
+    finally:
+        events._set_gate(previous)
+
+
 def test_backend_error_event_redacts_passwords(env: TaskEnv, app: Celery) -> None:
     """``task-lock-error`` (sent from the task's process) never carries a password."""
     task = app.tasks["obs.hold"]

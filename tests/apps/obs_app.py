@@ -4,6 +4,8 @@
 a short ttl so that it is renewed every second; it records ``entered:<task id>`` when the body
 starts and returns early once ``stop:<name>`` is set in the records database.
 ``obs.quick(x)`` takes a lock per task name and returns at once.
+``obs.signalled(x)`` is a locked no-op whose ``lock_acquired`` and ``lock_released`` signals a
+receiver of this module records as ``signal:<task id>`` (a list of ``<signal> <key> <detail>``).
 
 Test processes use :func:`client`: a fresh app with the same tasks per test module, because an
 app keeps its broker and backend connections once made, and every module has its own servers.
@@ -17,6 +19,7 @@ from typing import Any
 
 from celery import Celery
 
+from celery_singleton_lock import signals
 from celery_singleton_lock.task import LockedTask
 from tests.apps.common import configure, make_app, records
 
@@ -35,6 +38,21 @@ def define_tasks(app: Celery) -> None:
     @app.task(name="obs.quick", base=LockedTask, lock_key=[], shared=False)
     def quick(x: int) -> int:
         return x
+
+    @app.task(name="obs.signalled", base=LockedTask, shared=False)
+    def signalled(x: int) -> int:
+        return x
+
+
+def _record_signal(signal: Any = None, sender: Any = None, lock_key: str = "",
+                   task_id: str | None = None, **kwargs: Any) -> None:
+    if getattr(sender, "name", None) == "obs.signalled" and task_id:
+        detail = kwargs.get("reason") or kwargs["lease"].fencing_token
+        records().rpush(f"signal:{task_id}", f"{signal.name} {lock_key} {detail}")
+
+
+signals.lock_acquired.connect(_record_signal, weak=False)
+signals.lock_released.connect(_record_signal, weak=False)
 
 
 app = make_app("obs_app")
