@@ -93,6 +93,9 @@ DEFAULT_COUNT = 200
 #: Issue targets, printed for context only.
 TARGET_LOCKED_VS_PLAIN = 0.90
 PEERS_MEASURED_ELSEWHERE = {"celery-singleton": 0.74, "celery-once": 0.75}
+#: Reference rows: the least an execution-time lock costs (raw socket, ``SET NX`` + ``DEL``),
+#: and the same with this package's Lua scripts instead of those two commands.
+FLOOR, FLOOR_SCRIPTS = "floor: SET NX + DEL", "floor: our scripts"
 #: Commands of the measuring script itself, left out of the lock command counts.
 _OWN_COMMANDS = {"info", "config", "flushall", "flushdb", "ping", "client", "hello"}
 
@@ -150,6 +153,130 @@ def locked_until_executed(i: int) -> int:
     return i
 
 
+def _resp(*words: bytes) -> bytes:
+    """One command in RESP, packed by hand."""
+    return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%b\r\n" % (len(w), w) for w in words)
+
+
+class _FloorLock(app.Task):  # type: ignore[name-defined]
+    """The least an execution-time lock can cost: an acquire waited for before the body, a
+    release written after it whose reply is read with the next acquire, over one raw socket
+    per pool child with commands packed by hand.
+
+    Not a usable lock (no renewal, no release of a killed child, no retry, no Redlock): a
+    reference row, showing what the two lock commands themselves cost in this harness.
+    ``acquire``/``release`` return the commands; ``acquired`` judges the acquire's reply.
+    """
+
+    abstract = True
+    #: (pid, socket, replies owed by releases not read yet): one connection per task class
+    #: and pool child.
+    _conn: tuple[int, Any, int] | None = None
+
+    def _socket(self) -> Any:
+        import socket
+        from urllib.parse import urlsplit
+
+        conn = type(self)._conn
+        if conn is not None and conn[0] == os.getpid():
+            return conn[1]
+        url = urlsplit(os.environ[ENV_LOCKS])
+        sock = socket.create_connection((url.hostname, url.port or 6379))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        setup = [_resp(b"SELECT", ((url.path or "/0").strip("/") or "0").encode())]
+        setup += [_resp(b"SCRIPT", b"LOAD", script.encode()) for script in self.scripts()]
+        sock.sendall(b"".join(setup))
+        self._read(sock, 1 + 2 * (len(setup) - 1))  # +OK, then $40 and the sha per script
+        type(self)._conn = (os.getpid(), sock, 0)
+        return sock
+
+    @staticmethod
+    def _read(sock: Any, lines: int) -> bytes:
+        data = b""
+        while data.count(b"\r\n") < lines:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("the lock server closed the connection")
+            data += chunk
+        return data
+
+    def scripts(self) -> list[str]:
+        return []
+
+    def acquire(self, key: bytes, token: bytes) -> tuple[bytes, int]:
+        """The acquire command and the number of reply lines it gets."""
+        return _resp(b"SET", key, token, b"NX", b"PX", b"60000"), 1
+
+    def acquired(self, reply: bytes) -> bool:
+        return reply.endswith(b"+OK\r\n")
+
+    def release(self, key: bytes, token: bytes) -> bytes:
+        return _resp(b"DEL", key)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        sock = self._socket()
+        cls = type(self)
+        owed = cls._conn[2]  # type: ignore[index]
+        key = f"floor:{self.name}:{args!r}".encode()
+        token = uuid.uuid4().hex.encode()
+        command, lines = self.acquire(key, token)
+        sock.sendall(command)
+        reply = self._read(sock, owed + lines)
+        cls._conn = (os.getpid(), sock, 0)
+        if not self.acquired(reply):
+            raise RuntimeError(f"{self.name}: the lock was not taken: {reply!r}")
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            sock.sendall(self.release(key, token))
+            cls._conn = (os.getpid(), sock, 1)
+
+
+class _FloorScripts(_FloorLock):
+    """:class:`_FloorLock` sending this package's own acquire and release scripts, with the
+    same keys and lock-hash fields as ``LockedTask``: the server's share of its cost."""
+
+    abstract = True
+
+    def scripts(self) -> list[str]:
+        from celery_singleton_lock.store import SCRIPTS
+
+        return [SCRIPTS["acquire"].source, SCRIPTS["release"].source]
+
+    def acquire(self, key: bytes, token: bytes) -> tuple[bytes, int]:
+        from celery_singleton_lock.store import FENCE_TTL_MS, SCRIPTS
+
+        meta = {"owner": self.request.id, "acquired_at": f"{time.time():.6f}",
+                "task": self.name, "hostname": self.request.hostname or "", "mode":
+                "while_executing", "ttl": "60.0", "renewals": "0", "pid": str(os.getpid())}
+        words = [b"EVALSHA", SCRIPTS["acquire"].sha.encode(), b"2", key, key + b":fence",
+                 token, b"60000", str(FENCE_TTL_MS).encode()]
+        for field_name, value in meta.items():
+            words += [field_name.encode(), value.encode()]
+        return _resp(*words), 3  # *2, :1, :<fence>
+
+    def acquired(self, reply: bytes) -> bool:
+        return reply.split(b"\r\n")[-4:-2] == [b"*2", b":1"]
+
+    def release(self, key: bytes, token: bytes) -> bytes:
+        from celery_singleton_lock.store import SCRIPTS
+
+        return _resp(b"EVALSHA", SCRIPTS["release"].sha.encode(), b"1", key, token, b"")
+
+
+@app.task(base=_FloorLock, name="bench.floor")
+def floor_task(i: int) -> int:
+    return i
+
+
+@app.task(base=_FloorScripts, name="bench.floor_scripts")
+def floor_scripts_task(i: int) -> int:
+    return i
+
+
+TASKS[FLOOR] = "bench.floor"
+TASKS[FLOOR_SCRIPTS] = "bench.floor_scripts"
+
 try:
     from celery_singleton import Singleton
 
@@ -173,7 +300,7 @@ except Exception as exc:  # the table shows why
     UNAVAILABLE["celery-once"] = f"{type(exc).__name__}: {exc}"
 
 #: Table order.
-ORDER = ("plain Task", "celery-singleton", "celery-once", "LockedTask")
+ORDER = ("plain Task", "celery-singleton", "celery-once", FLOOR, FLOOR_SCRIPTS, "LockedTask")
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,7 +684,7 @@ def table(results: dict[str, Result], tasks: int) -> str:
     plain = results["plain Task"]
     lines = [
         "| task base class | tasks/s (end to end) | vs plain Task | tasks/s (worker) "
-        "| vs plain Task | per-round end-to-end ratios | lock commands/task: publish "
+        "| vs plain Task | per-round end-to-end ratios (median) | lock commands/task: publish "
         "| lock commands/task: worker |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
@@ -573,7 +700,10 @@ def table(results: dict[str, Result], tasks: int) -> str:
         worker, base_worker = best.rate, plain.median()
         e2e_ratio = f"{e2e / base_e2e:.2f}x" if e2e and base_e2e else "n/a"
         worker_ratio = f"{worker / base_worker.rate:.2f}x" if base_worker is not None else "n/a"
-        rounds = ", ".join(f"{x:.2f}" for x in _paired(result, plain, "e2e"))
+        paired = _paired(result, plain, "e2e")
+        rounds = ", ".join(f"{x:.2f}" for x in paired)
+        if paired:
+            rounds += f" (median {statistics.median(paired):.2f})"
         lines.append(
             f"| {name} | {e2e or 0:,.0f} | {e2e_ratio} | {worker:,.0f} | {worker_ratio} "
             f"| {rounds} | {_trips(result, 'publish')} | {_trips(result, 'worker')} |"
