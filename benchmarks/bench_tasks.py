@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -93,9 +94,9 @@ DEFAULT_COUNT = 200
 #: Issue targets, printed for context only.
 TARGET_LOCKED_VS_PLAIN = 0.90
 PEERS_MEASURED_ELSEWHERE = {"celery-singleton": 0.74, "celery-once": 0.75}
-#: Reference rows: the least an execution-time lock costs (raw socket, ``SET NX`` + ``DEL``),
-#: and the same with this package's Lua scripts instead of those two commands.
-FLOOR, FLOOR_SCRIPTS = "floor: SET NX + DEL", "floor: our scripts"
+#: Reference rows: the least a correct execution-time lock costs (raw socket, ``SET NX`` and a
+#: compare-and-delete), and the same with this package's Lua scripts instead.
+FLOOR, FLOOR_SCRIPTS = "floor: SET NX + compare-and-delete", "floor: our scripts"
 #: Commands of the measuring script itself, left out of the lock command counts.
 _OWN_COMMANDS = {"info", "config", "flushall", "flushdb", "ping", "client", "hello"}
 
@@ -158,10 +159,16 @@ def _resp(*words: bytes) -> bytes:
     return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%b\r\n" % (len(w), w) for w in words)
 
 
+#: The usual compare-and-delete (redis-py's ``Lock`` releases with the same): a plain ``DEL``
+#: could delete the lock of the next holder once this one had expired.
+_COMPARE_AND_DELETE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                       "return redis.call('del', KEYS[1]) end return 0")
+
+
 class _FloorLock(app.Task):  # type: ignore[name-defined]
-    """The least an execution-time lock can cost: an acquire waited for before the body, a
-    release written after it whose reply is read with the next acquire, over one raw socket
-    per pool child with commands packed by hand.
+    """The least a correct execution-time lock can cost: ``SET NX PX`` waited for before the
+    body, a compare-and-delete written after it whose reply is read with the next acquire,
+    over one raw socket per pool child with commands packed by hand.
 
     Not a usable lock (no renewal, no release of a killed child, no retry, no Redlock): a
     reference row, showing what the two lock commands themselves cost in this harness.
@@ -201,7 +208,7 @@ class _FloorLock(app.Task):  # type: ignore[name-defined]
         return data
 
     def scripts(self) -> list[str]:
-        return []
+        return [_COMPARE_AND_DELETE]
 
     def acquire(self, key: bytes, token: bytes) -> tuple[bytes, int]:
         """The acquire command and the number of reply lines it gets."""
@@ -211,7 +218,8 @@ class _FloorLock(app.Task):  # type: ignore[name-defined]
         return reply.endswith(b"+OK\r\n")
 
     def release(self, key: bytes, token: bytes) -> bytes:
-        return _resp(b"DEL", key)
+        sha = hashlib.sha1(_COMPARE_AND_DELETE.encode()).hexdigest().encode()
+        return _resp(b"EVALSHA", sha, b"1", key, token)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         sock = self._socket()
