@@ -3,7 +3,10 @@
 
 Contenders, each a no-op task body (``return i``) with distinct arguments, so no lock is ever
 contended: plain Celery ``Task``, celery-singleton's ``Singleton``, celery-once's ``QueueOnce``
-and this package's ``LockedTask`` (``while_executing``, the default mode).
+and this package's ``LockedTask`` (``while_executing``, the default mode). Three reference
+rows, not shipped locks, show what the lock commands alone cost here, sent from the pool child
+over a raw socket: ``SET NX PX`` and a compare-and-delete (the least a correct lock does), a
+packed string value with an ``INCR`` fence, and this package's own scripts.
 
 The script starts its own ``redis-server`` processes (one for the broker and the result
 backend, one for every contender's locks) and one ``celery worker -P prefork -c 2`` of this
