@@ -84,6 +84,7 @@ import redis  # noqa: E402
 from celery import Celery  # noqa: E402
 
 from celery_singleton_lock import LockedTask  # noqa: E402
+from celery_singleton_lock.store import FENCE_TTL_MS, SCRIPTS  # noqa: E402
 
 #: Environment the worker reads its URLs from (set by this script).
 ENV_BROKER, ENV_BACKEND, ENV_LOCKS = "CSL_BENCH_BROKER", "CSL_BENCH_BACKEND", "CSL_BENCH_LOCKS"
@@ -98,8 +99,10 @@ DEFAULT_COUNT = 200
 TARGET_LOCKED_VS_PLAIN = 0.90
 PEERS_MEASURED_ELSEWHERE = {"celery-singleton": 0.74, "celery-once": 0.75}
 #: Reference rows: the least a correct execution-time lock costs (raw socket, ``SET NX`` and a
-#: compare-and-delete), and the same with this package's Lua scripts instead.
-FLOOR, FLOOR_SCRIPTS = "floor: SET NX + compare-and-delete", "floor: our scripts"
+#: compare-and-delete), a packed string value with an ``INCR`` fence, and this package's own
+#: Lua scripts sent the same way.
+FLOOR, FLOOR_PACKED = "floor: SET NX + compare-and-delete", "floor: packed value + INCR"
+FLOOR_SCRIPTS = "floor: our scripts"
 #: Commands of the measuring script itself, left out of the lock command counts.
 _OWN_COMMANDS = {"info", "config", "flushall", "flushdb", "ping", "client", "hello"}
 
@@ -136,25 +139,23 @@ TASKS: dict[str, str] = {}
 UNAVAILABLE: dict[str, str] = {}
 
 
-@app.task(name="bench.plain")
-def plain_task(i: int) -> int:
-    return i
+def contender(label: str | None, name: str, base: type | None = None,
+              **options: Any) -> None:
+    """Register the no-op task ``name`` (``return i``), listed in the table as ``label``."""
+
+    def noop(i: int) -> int:
+        return i
+
+    if base is not None:
+        options["base"] = base
+    app.task(name=name, **options)(noop)
+    if label is not None:
+        TASKS[label] = name
 
 
-TASKS["plain Task"] = "bench.plain"
-
-
-@app.task(base=LockedTask, name="bench.locked")
-def locked_task(i: int) -> int:
-    return i
-
-
-TASKS["LockedTask"] = "bench.locked"
-
-
-@app.task(base=LockedTask, name="bench.locked_until_executed", lock_mode="until_executed")
-def locked_until_executed(i: int) -> int:
-    return i
+contender("plain Task", "bench.plain")
+contender("LockedTask", "bench.locked", LockedTask)
+contender(None, "bench.locked_until_executed", LockedTask, lock_mode="until_executed")
 
 
 def _resp(*words: bytes) -> bytes:
@@ -162,10 +163,21 @@ def _resp(*words: bytes) -> bytes:
     return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%b\r\n" % (len(w), w) for w in words)
 
 
+def _sha(script: str) -> bytes:
+    return hashlib.sha1(script.encode()).hexdigest().encode()
+
+
 #: The usual compare-and-delete (redis-py's ``Lock`` releases with the same): a plain ``DEL``
 #: could delete the lock of the next holder once this one had expired.
 _COMPARE_AND_DELETE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                        "return redis.call('del', KEYS[1]) end return 0")
+#: Compare-and-delete of a lock whose value starts with its 32-digit token.
+_COMPARE_PREFIX_AND_DELETE = ("local v = redis.call('get', KEYS[1]) "
+                              "if v and string.sub(v, 1, 32) == ARGV[1] then "
+                              "return redis.call('del', KEYS[1]) end return 0")
+_ACQUIRE_SHA, _RELEASE_SHA = SCRIPTS["acquire"].sha.encode(), SCRIPTS["release"].sha.encode()
+_CAD_SHA, _PREFIX_CAD_SHA = _sha(_COMPARE_AND_DELETE), _sha(_COMPARE_PREFIX_AND_DELETE)
+_FENCE_TTL = str(FENCE_TTL_MS).encode()
 
 
 class _FloorLock(app.Task):  # type: ignore[name-defined]
@@ -221,8 +233,7 @@ class _FloorLock(app.Task):  # type: ignore[name-defined]
         return reply.endswith(b"+OK\r\n")
 
     def release(self, key: bytes, token: bytes) -> bytes:
-        sha = hashlib.sha1(_COMPARE_AND_DELETE.encode()).hexdigest().encode()
-        return _resp(b"EVALSHA", sha, b"1", key, token)
+        return _resp(b"EVALSHA", _CAD_SHA, b"1", key, token)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         sock = self._socket()
@@ -250,18 +261,14 @@ class _FloorScripts(_FloorLock):
     abstract = True
 
     def scripts(self) -> list[str]:
-        from celery_singleton_lock.store import SCRIPTS
-
         return [SCRIPTS["acquire"].source, SCRIPTS["release"].source]
 
     def acquire(self, key: bytes, token: bytes) -> tuple[bytes, int]:
-        from celery_singleton_lock.store import FENCE_TTL_MS, SCRIPTS
-
         meta = {"owner": self.request.id, "acquired_at": f"{time.time():.6f}",
                 "task": self.name, "hostname": self.request.hostname or "", "mode":
                 "while_executing", "ttl": "60.0", "renewals": "0", "pid": str(os.getpid())}
-        words = [b"EVALSHA", SCRIPTS["acquire"].sha.encode(), b"2", key, key + b":fence",
-                 token, b"60000", str(FENCE_TTL_MS).encode()]
+        words = [b"EVALSHA", _ACQUIRE_SHA, b"2", key, key + b":fence", token, b"60000",
+                 _FENCE_TTL]
         for field_name, value in meta.items():
             words += [field_name.encode(), value.encode()]
         return _resp(*words), 3  # *2, :1, :<fence>
@@ -270,15 +277,7 @@ class _FloorScripts(_FloorLock):
         return reply.split(b"\r\n")[-4:-2] == [b"*2", b":1"]
 
     def release(self, key: bytes, token: bytes) -> bytes:
-        from celery_singleton_lock.store import SCRIPTS
-
-        return _resp(b"EVALSHA", SCRIPTS["release"].sha.encode(), b"1", key, token, b"")
-
-
-#: Compare-and-delete of a lock whose value starts with its 32-digit token.
-_COMPARE_PREFIX_AND_DELETE = ("local v = redis.call('get', KEYS[1]) "
-                              "if v and string.sub(v, 1, 32) == ARGV[1] then "
-                              "return redis.call('del', KEYS[1]) end return 0")
+        return _resp(b"EVALSHA", _RELEASE_SHA, b"1", key, token, b"")
 
 
 class _FloorPacked(_FloorLock):
@@ -302,56 +301,30 @@ class _FloorPacked(_FloorLock):
         return reply.split(b"\r\n")[-3] == b"+OK"
 
     def release(self, key: bytes, token: bytes) -> bytes:
-        sha = hashlib.sha1(_COMPARE_PREFIX_AND_DELETE.encode()).hexdigest().encode()
-        return _resp(b"EVALSHA", sha, b"1", key, token)
+        return _resp(b"EVALSHA", _PREFIX_CAD_SHA, b"1", key, token)
 
 
-@app.task(base=_FloorPacked, name="bench.floor_packed")
-def floor_packed_task(i: int) -> int:
-    return i
-
-
-TASKS["floor: packed value + INCR"] = "bench.floor_packed"
-
-
-@app.task(base=_FloorLock, name="bench.floor")
-def floor_task(i: int) -> int:
-    return i
-
-
-@app.task(base=_FloorScripts, name="bench.floor_scripts")
-def floor_scripts_task(i: int) -> int:
-    return i
-
-
-TASKS[FLOOR] = "bench.floor"
-TASKS[FLOOR_SCRIPTS] = "bench.floor_scripts"
+contender(FLOOR, "bench.floor", _FloorLock)
+contender(FLOOR_PACKED, "bench.floor_packed", _FloorPacked)
+contender(FLOOR_SCRIPTS, "bench.floor_scripts", _FloorScripts)
 
 try:
     from celery_singleton import Singleton
 
-    @app.task(base=Singleton, name="bench.singleton")
-    def singleton_task(i: int) -> int:
-        return i
-
-    TASKS["celery-singleton"] = "bench.singleton"
+    contender("celery-singleton", "bench.singleton", Singleton)
 except Exception as exc:  # the table shows why
     UNAVAILABLE["celery-singleton"] = f"{type(exc).__name__}: {exc}"
 
 try:
     from celery_once import QueueOnce
 
-    @app.task(base=QueueOnce, name="bench.once")
-    def once_task(i: int) -> int:
-        return i
-
-    TASKS["celery-once"] = "bench.once"
+    contender("celery-once", "bench.once", QueueOnce)
 except Exception as exc:  # the table shows why
     UNAVAILABLE["celery-once"] = f"{type(exc).__name__}: {exc}"
 
 #: Table order.
-ORDER = ("plain Task", "celery-singleton", "celery-once", FLOOR, "floor: packed value + INCR",
-         FLOOR_SCRIPTS, "LockedTask")
+ORDER = ("plain Task", "celery-singleton", "celery-once", FLOOR, FLOOR_PACKED, FLOOR_SCRIPTS,
+         "LockedTask")
 
 
 # --------------------------------------------------------------------------------------------
