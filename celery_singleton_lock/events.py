@@ -190,7 +190,7 @@ def wanted(signal: Any) -> bool:
     """Whether sending ``signal`` does anything: lock events are on, or a receiver other than
     this module's listens. The task's hot path asks first, because a ``Signal.send`` that
     reaches only an event sender with events off still costs several microseconds."""
-    if _gate[0] == _ON:
+    if enabled():
         return True
     return any(lookup[0] != _UID for lookup, _receiver in signal.receivers)
 

@@ -51,11 +51,8 @@ def try_acquire(
                       owner=owner, task_name=task_name)
         return lease, result
     if result.backend_down:
-        raise LockBackendError(
-            f"cannot lock {key!r}: fewer than {store.quorum} of "
-            f"{store.n_masters} masters answered ({'; '.join(result.errors)})",
-            lock_key=key,
-        )
+        raise LockBackendError(f"cannot lock {key!r}: {store.no_quorum(result.errors)}",
+                               lock_key=key)
     return None, result
 
 

@@ -963,6 +963,11 @@ class Store:
                   and _text(r[0]) == token)
         return oks >= self.quorum
 
+    def no_quorum(self, errors: Sequence[str] = ()) -> str:
+        """Why an operation failed for want of a quorum, for a :class:`LockBackendError`."""
+        why = f"fewer than {self.quorum} of {self.n_masters} masters answered"
+        return f"{why} ({'; '.join(errors)})" if errors else why
+
     def holder(self, key: str) -> str | None:
         """The owner id of the lock at ``key`` if a quorum holds it ("" for no owner), else None.
 
@@ -971,8 +976,7 @@ class Store:
         replies = self.fanout([Call.plain("HMGET", key, "token", "owner")])
         answered = [r[0] for r in replies if not isinstance(r[0], BaseException)]
         if len(answered) < self.quorum:
-            raise LockBackendError(f"cannot read lock {key!r}: fewer than {self.quorum} of "
-                                   f"{len(self.nodes)} masters answered", lock_key=key)
+            raise LockBackendError(f"cannot read lock {key!r}: {self.no_quorum()}", lock_key=key)
         owners = Counter(_text(r[1] or b"") for r in answered if r and r[0] is not None)
         if not owners:
             return None

@@ -524,8 +524,8 @@ class LockedTask(Task):
         attempt = flight.attempt.finish()
         if attempt.backend_down:
             exc = LockBackendError(
-                f"cannot lock {key!r} to enqueue {self.name}: fewer than {store.quorum} of "
-                f"{store.n_masters} masters answered ({'; '.join(attempt.errors)})",
+                f"cannot lock {key!r} to enqueue {self.name}: "
+                f"{store.no_quorum(attempt.errors)}",
                 lock_key=key, task_name=self.name,
             )
             if result is None:

@@ -8,6 +8,7 @@ show that lock events follow Celery's switch, including when it is turned on rem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -234,13 +235,22 @@ def test_one_event_per_lock_transition(env: TaskEnv, app: Celery, worker: Celery
 
 
 @pytest.mark.slow
-def test_lock_events_follow_the_workers_task_event_switch(env: TaskEnv, app: Celery) -> None:
-    quiet = ChattyWorker(env.app_module, env.broker_url, env.backend_url, env.lock_url,
-                         record_url=env.record_url, pool="prefork", concurrency=1,
-                         queues=["quiet"], events=False)
-    env.workers.append(quiet)
-    quiet.start()
+@contextlib.contextmanager
+def quiet_worker(env: TaskEnv, queue: str,
+                 kind: type[CeleryWorker] = CeleryWorker) -> Iterator[CeleryWorker]:
+    """A prefork worker of one child with task events off, serving only ``queue``."""
+    worker = kind(env.app_module, env.broker_url, env.backend_url, env.lock_url,
+                  record_url=env.record_url, pool="prefork", concurrency=1, queues=[queue],
+                  events=False)
+    env.workers.append(worker)
     try:
+        yield worker.start()
+    finally:
+        env.stop_workers([worker])
+
+
+def test_lock_events_follow_the_workers_task_event_switch(env: TaskEnv, app: Celery) -> None:
+    with quiet_worker(env, "quiet", ChattyWorker) as quiet:
         with EventCapture(app, routing_key="task.lock.#") as capture:
             name = f"q-{uuid.uuid4().hex[:6]}"
             assert stats(app, quiet)["events"] is False
@@ -256,8 +266,6 @@ def test_lock_events_follow_the_workers_task_event_switch(env: TaskEnv, app: Cel
         assert [e["type"] for e in capture.events] == ["task-lock-acquired",
                                                        "task-lock-released"]
         assert {e["task_id"] for e in capture.events} == {result.id}
-    finally:
-        env.stop_workers([quiet])
 
 
 def test_user_receivers_get_the_lock_signals_with_lock_events_off(
@@ -265,12 +273,7 @@ def test_user_receivers_get_the_lock_signals_with_lock_events_off(
 ) -> None:
     """With task events off, the hot path skips signals only this package listens to, never a
     user's receiver: ``lock_acquired`` and ``lock_released`` reach one in a pool child."""
-    quiet = CeleryWorker(env.app_module, env.broker_url, env.backend_url, env.lock_url,
-                         record_url=env.record_url, pool="prefork", concurrency=1,
-                         queues=["signals"], events=False)
-    env.workers.append(quiet)
-    quiet.start()
-    try:
+    with quiet_worker(env, "signals") as quiet:
         assert stats(app, quiet)["events"] is False
         task = app.tasks["obs.signalled"]
         result = task.apply_async((7,), queue="signals")
@@ -278,8 +281,6 @@ def test_user_receivers_get_the_lock_signals_with_lock_events_off(
         key = task.lock_key_for(7)
         env.wait(lambda: env.records.llen(f"signal:{result.id}") >= 2, 10, "lock signals")
         acquired, released = env.records.lrange(f"signal:{result.id}", 0, -1)
-    finally:
-        env.stop_workers([quiet])
     name, got_key, fence = acquired.split()
     assert (name, got_key) == ("lock_acquired", key) and int(fence) > 0
     assert released.split() == ["lock_released", key, "success"]
