@@ -38,7 +38,7 @@ from celery.beat import PersistentScheduler
 from .keys import name_key, validate_key_prefix
 from .lease import Lease
 from .lock import Redlock, check_ttl
-from .settings import DEFAULTS, register_defaults, resolve_store_url
+from .settings import DEFAULTS, check_renewable_ttl, register_defaults, resolve_store_url
 from .store import Call, Store, get_store
 
 __all__ = ["SingletonSchedulerMixin", "LockedScheduler"]
@@ -69,6 +69,7 @@ class SingletonSchedulerMixin:
         self._leader_mutex = threading.Lock()
         self._standby_delay = 0.5
         super().__init__(*args, **kwargs)
+        self._beat_setup()  # a bad beat setting fails when beat starts, naming the setting
 
     # -- configuration --------------------------------------------------------------------
 
@@ -82,6 +83,7 @@ class SingletonSchedulerMixin:
         self._beat_ttl = check_ttl(ttl, "singleton_lock_beat_ttl")
         timeout = check_ttl(conf.get("singleton_lock_socket_timeout") or 0.2,
                             "singleton_lock_socket_timeout")
+        check_renewable_ttl(self._beat_ttl, "singleton_lock_beat_ttl", timeout)
         prefix = validate_key_prefix(conf.get("singleton_lock_key_prefix") or "csl")
         self._beat_store: Store = get_store(resolve_store_url(app), socket_timeout=timeout,
                                             setting="singleton_lock_url")

@@ -11,12 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .redlock import drift_s
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .store import Renewal, Store
 
 __all__ = ["Lease"]
 
@@ -39,6 +39,7 @@ class Lease:
         acquired_at: float | None = None,
         owner: str = "",
         task_name: str = "",
+        info: dict[str, Any] | None = None,
     ) -> None:
         #: The lock's full Redis key.
         self.key = key
@@ -49,6 +50,8 @@ class Lease:
         #: The id of the holder (a task id), if any.
         self.owner = owner
         self.task_name = task_name
+        #: More holder fields (hostname, pid, mode) for a copy put back by renewal.
+        self.info = info or {}
         self.store = store
         self.ttl_s = float(ttl_s)
         started = store.clock() if started is None else started
@@ -77,6 +80,16 @@ class Lease:
     @property
     def ttl_ms(self) -> int:
         return max(1, int(self.ttl_s * 1000))
+
+    def renewal(self, ttl_ms: int | None = None) -> Renewal:
+        """This lock as :meth:`Store.extend_many` renews it (and puts it back where gone)."""
+        from .store import Renewal
+
+        ttl_ms = self.ttl_ms if ttl_ms is None else ttl_ms
+        metadata = (("owner", self.owner), ("task", self.task_name), ("ttl", self.ttl_s),
+                    ("acquired_at", f"{self.acquired_at:.6f}"), ("renewals", self.renewals),
+                    *self.info.items())
+        return Renewal(self.key, self.token, ttl_ms, self.fencing_token, metadata)
 
     def on_lost(self, callback: Callable[[Lease], None]) -> None:
         """Call ``callback(lease)`` (from the renewer thread) if the lock is lost."""
@@ -120,7 +133,7 @@ class Lease:
             return False
         ttl_s = self.ttl_s if ttl is None else float(ttl)
         started = self.store.clock()
-        verdict = self.store.extend_many([(self.key, self.token, max(1, int(ttl_s * 1000)))])[0]
+        verdict = self.store.extend_many([self.renewal(max(1, int(ttl_s * 1000)))])[0]
         if verdict is True:
             with self._lock:
                 self.valid_until = max(self.valid_until, started + ttl_s - drift_s(ttl_s))

@@ -18,6 +18,7 @@ from .errors import LockBackendError, LockConfigError
 from .keys import name_key, validate_key_prefix
 from .lease import Lease
 from .renewer import get_renewer
+from .settings import check_renewable_ttl
 from .store import AcquireResult, PackedArgs, Store, get_store
 
 __all__ = ["Redlock", "check_ttl", "try_acquire"]
@@ -96,6 +97,8 @@ class Redlock:
             raise LockConfigError(f"name must be a non-empty string, got {name!r}", setting="name")
         self.ttl = check_ttl(ttl, "ttl")
         socket_timeout = check_ttl(socket_timeout, "socket_timeout")
+        if renew:  # a renewed lock must outlast a renewal that takes a whole socket timeout
+            check_renewable_ttl(self.ttl, "ttl", socket_timeout)
         prefix = validate_key_prefix(key_prefix, setting="key_prefix")
         if store is None:
             if url is None:

@@ -128,9 +128,9 @@ class MemoryNode:
         if current is None:
             fence = int(time.time() * 1_000_000)
             self._set(fence_key, str(fence), fence_ttl_ms)
-        else:  # an increment keeps the counter's expiry, as INCR does
+        else:  # every acquisition gives the counter fence_ttl more to live
             fence = int(current) + 1
-            self.data[fence_key] = (str(fence), self.data[fence_key][1])
+            self._set(fence_key, str(fence), fence_ttl_ms)
         meta = {str(args[i]): str(args[i + 1]) for i in range(3, len(args) - 1, 2)}
         self._set(key, {"token": token, **meta}, ttl_ms)
         return [1, fence]
@@ -147,12 +147,24 @@ class MemoryNode:
 
     def _extend(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> int:
         held = self._get(keys[0])
-        if held is not None and held["token"] == str(args[0]):
+        if held is None:
+            return -1
+        if held["token"] == str(args[0]):
             self._pexpire(keys[0], args[1])
             if str(args[2]) == "1":
                 held["renewals"] = str(int(held.get("renewals", "0")) + 1)
             return 1
         return 0
+
+    def _restore(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> int:
+        key, fence_key = keys
+        if self._get(key) is not None:
+            return 0
+        meta = {str(args[i]): str(args[i + 1]) for i in range(4, len(args) - 1, 2)}
+        self._set(key, {"token": str(args[0]), **meta}, int(args[1]))
+        if int(self._get(fence_key) or 0) < int(args[2]):
+            self._set(fence_key, str(int(args[2])), int(args[3]))
+        return 1
 
     def _raise_fence(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> int:
         current = int(self._get(keys[0]) or 0)
@@ -196,6 +208,8 @@ class MemoryNode:
             return self.hgetall(command[1])
         if name == "PTTL":
             return self.pttl_ms(command[1])
+        if name == "PING":
+            return True
         raise NotImplementedError(f"memory store has no command {name}")
 
     def _run(self, call: Call) -> Any:

@@ -146,7 +146,7 @@ class Renewer:
         for batch in by_store.values():
             store = batch[0].store
             started = store.clock()
-            verdicts = store.extend_many([(le.key, le.token, le.ttl_ms) for le in batch])
+            verdicts = store.extend_many([le.renewal() for le in batch])
             self.batches += 1
             for lease, verdict in zip(batch, verdicts, strict=True):
                 if lease.released:

@@ -24,7 +24,9 @@ __all__ = [
     "ON_LOST",
     "ON_ENQUEUE_DUPLICATE",
     "TASK_OPTIONS",
+    "MIN_TTL_TIMEOUTS",
     "LockOptions",
+    "check_renewable_ttl",
     "register_defaults",
     "resolve_options",
     "resolve_store_url",
@@ -52,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "singleton_lock_socket_timeout": 0.2,
     "singleton_lock_on_enqueue_duplicate": "return_existing",
     "singleton_lock_beat_ttl": 10.0,
+    "singleton_lock_fence_ttl": 604800.0,
 }
 
 #: Settings with a task option of the same name without the ``singleton_`` prefix.
@@ -64,8 +67,13 @@ TASK_OPTIONS = tuple(
         "singleton_lock_key_prefix",
         "singleton_lock_socket_timeout",
         "singleton_lock_beat_ttl",
+        "singleton_lock_fence_ttl",
     )
 )
+
+#: A ttl must outlast this many socket timeouts: one renewal may take a whole timeout, and
+#: renewal runs every ttl/3.
+MIN_TTL_TIMEOUTS = 3
 
 _CHOICES = {
     "lock_mode": MODES,
@@ -129,6 +137,22 @@ def check_count(value: Any, name: str) -> int:
     return value
 
 
+def check_renewable_ttl(ttl_s: float, name: str, socket_timeout_s: float) -> float:
+    """``ttl_s`` if it is at least :data:`MIN_TTL_TIMEOUTS` socket timeouts, else an error.
+
+    A shorter lock can lapse between two renewals (or before the worker's main process adopts
+    it), and at a few milliseconds it expires before the acquire's reply is even read.
+    """
+    minimum = MIN_TTL_TIMEOUTS * socket_timeout_s
+    if ttl_s < minimum:
+        raise LockConfigError(
+            f"{name} must be at least {minimum:g} seconds ({MIN_TTL_TIMEOUTS} x "
+            f"singleton_lock_socket_timeout={socket_timeout_s:g}), got {ttl_s!r}",
+            setting=name,
+        )
+    return ttl_s
+
+
 def _conf(app: Any, name: str) -> Any:
     try:
         value = app.conf.get(name)
@@ -153,6 +177,7 @@ class LockOptions:
     on_enqueue_duplicate: str
     key_prefix: str
     socket_timeout: float
+    fence_ttl: float
 
 
 def _validate(option: str, value: Any, setting_name: str) -> Any:
@@ -168,16 +193,17 @@ def _validate(option: str, value: Any, setting_name: str) -> Any:
 def resolve_options(task: Any, app: Any) -> LockOptions:
     """The task's options over the app's settings, each validated (``LockConfigError``)."""
     values: dict[str, Any] = {}
+    names: dict[str, str] = {}
     for option in TASK_OPTIONS:
         own = getattr(task, option, None)
-        if own is not None:
-            values[option] = _validate(option, own, option)
-        else:
-            setting = "singleton_" + option
-            values[option] = _validate(option, _conf(app, setting), setting)
+        name = option if own is not None else "singleton_" + option
+        value = own if own is not None else _conf(app, name)
+        values[option], names[option] = _validate(option, value, name), name
     prefix = validate_key_prefix(_conf(app, "singleton_lock_key_prefix"))
     timeout = check_seconds(_conf(app, "singleton_lock_socket_timeout"),
                             "singleton_lock_socket_timeout")
+    check_renewable_ttl(values["lock_ttl"], names["lock_ttl"], timeout)
+    fence_ttl = check_seconds(_conf(app, "singleton_lock_fence_ttl"), "singleton_lock_fence_ttl")
     return LockOptions(
         ttl=values["lock_ttl"],
         mode=values["lock_mode"],
@@ -191,6 +217,7 @@ def resolve_options(task: Any, app: Any) -> LockOptions:
         on_enqueue_duplicate=values["lock_on_enqueue_duplicate"],
         key_prefix=prefix,
         socket_timeout=timeout,
+        fence_ttl=fence_ttl,
     )
 
 

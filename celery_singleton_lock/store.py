@@ -52,6 +52,7 @@ __all__ = [
     "Store",
     "AcquireResult",
     "AcquireInFlight",
+    "Renewal",
     "get_store",
     "SCRIPTS",
     "FENCE_TTL_MS",
@@ -59,9 +60,10 @@ __all__ = [
 
 logger = logging.getLogger("celery_singleton_lock.store")
 
-#: Lifetime of a fencing counter from its start. A counter that expired restarts at the server's
-#: time in microseconds, so tokens still grow (it would take more than one acquisition per
-#: microsecond for a week to overtake the clock).
+#: Default lifetime of a fencing counter after its key's last acquisition
+#: (``singleton_lock_fence_ttl``). A counter that expired restarts at the server's time in
+#: microseconds, so tokens still grow (it would take more than one acquisition per microsecond,
+#: on average, to overtake the clock).
 FENCE_TTL_MS = 7 * 24 * 3600 * 1000
 
 
@@ -81,7 +83,8 @@ class Script:
 
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
-    for name in ("acquire", "release", "extend", "raise_fence", "handover", "beat_claim")
+    for name in ("acquire", "release", "extend", "restore", "raise_fence", "handover",
+                 "beat_claim")
 }
 
 
@@ -616,6 +619,18 @@ class AcquireResult(NamedTuple):
     errors: tuple[str, ...]
 
 
+class Renewal(NamedTuple):
+    """One lock to renew with :meth:`Store.extend_many`, and what to restore it with."""
+
+    key: str
+    token: str
+    ttl_ms: int
+    #: The lock's fencing token, raised on a master where the lock is put back.
+    fence: int = 0
+    #: Hash fields (field, value) written when the lock is put back on a master.
+    metadata: tuple[tuple[str, Any], ...] = ()
+
+
 class AcquireInFlight:
     """An acquire sent to every master whose replies are not read yet (:meth:`finish`)."""
 
@@ -672,6 +687,7 @@ class Store:
         clock: Callable[[], float] = time.monotonic,
         description: str | None = None,
         notify: bool = True,
+        fence_ttl_ms: int = FENCE_TTL_MS,
     ) -> None:
         if not nodes:
             raise LockConfigError("a lock store needs at least one master", setting="url")
@@ -681,6 +697,8 @@ class Store:
         self.description = description or ",".join(n.name for n in self.nodes)
         #: Publish releases so waiters wake at once (disable only to measure the cost).
         self.notify = notify
+        #: Lifetime of a fencing counter after its key's last acquisition, ms.
+        self.fence_ttl_ms = max(1, int(fence_ttl_ms))
         self._cleanup_lock = threading.Lock()
         #: (key, token, deadline) releases that failed on some master, retried in the background.
         self._cleanup: list[tuple[str, str, float]] = []
@@ -688,7 +706,8 @@ class Store:
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_url(cls, url: object, *, socket_timeout: float = 0.2, setting: str = "url") -> Store:
+    def from_url(cls, url: object, *, socket_timeout: float = 0.2, setting: str = "url",
+                 fence_ttl_ms: int = FENCE_TTL_MS) -> Store:
         parsed = parse_store_url(url, setting=setting)
         if parsed.kind == "memory":
             from .memory import memory_store
@@ -698,7 +717,7 @@ class Store:
             nodes: list[Node] = [ClusterNode(parsed.urls[0], socket_timeout=socket_timeout)]
         else:
             nodes = [RedisNode(u, socket_timeout=socket_timeout) for u in parsed.urls]
-        return cls(nodes, description=parsed.redacted)
+        return cls(nodes, description=parsed.redacted, fence_ttl_ms=fence_ttl_ms)
 
     @property
     def n_masters(self) -> int:
@@ -758,7 +777,7 @@ class Store:
         until then each master's connection is taken).
         """
         ttl_ms = max(1, int(ttl_s * 1000))
-        args: list[Any] = [token, ttl_ms, FENCE_TTL_MS]
+        args: list[Any] = [token, ttl_ms, self.fence_ttl_ms]
         for field, value in metadata:
             args.extend((field, value))
         keys = (key, fence_key_for(key))
@@ -820,7 +839,7 @@ class Store:
     ) -> RoundOutcome:
         """Masters issued different fence values: raise a majority to the token handed out."""
         granted = [i for i, r in enumerate(parsed) if r.acquired]
-        call = Call.run("raise_fence", (fence_key_for(key),), (outcome.fence, FENCE_TTL_MS))
+        call = Call.run("raise_fence", (fence_key_for(key),), (outcome.fence, self.fence_ttl_ms))
         replies = self.fanout([call], nodes=granted)
         raised = sum(1 for i in granted if not isinstance(replies[i][0], BaseException))
         validity = validity_s(ttl_s, self.clock() - started)
@@ -910,31 +929,63 @@ class Store:
                 settle()
 
     def extend_many(
-        self, items: Sequence[tuple[str, str, int]], *, count_renewal: bool = True
+        self, items: Sequence[Renewal], *, count_renewal: bool = True
     ) -> list[bool | None]:
-        """Compare-and-pexpire many ``(key, token, ttl_ms)`` in one round trip per master.
+        """Compare-and-pexpire many locks in one round trip per master.
 
         Returns, per item, True (a quorum extended it), False (lost: a quorum is impossible)
-        or None (errors left it undecided).
+        or None (errors left it undecided). A lock that a quorum extended is put back on the
+        masters where its key was gone and is free (a master restarted without persistence),
+        in a second round trip that only such a renewal pays, so masters restarted one at a
+        time never leave the holder short of a quorum (SPEC 7).
         """
         if not items:
             return []
         flag = "1" if count_renewal else "0"
-        calls = [Call.run("extend", (k,), (t, ttl_ms, flag)) for k, t, ttl_ms in items]
+        calls = [Call.run("extend", (it.key,), (it.token, it.ttl_ms, flag)) for it in items]
         replies = self.fanout(calls)
         verdicts: list[bool | None] = []
-        for j in range(len(items)):
+        restore: dict[int, list[Call]] = {}
+        for j, item in enumerate(items):
             oks = not_owned = 0
-            for node_replies in replies:
+            gone: list[int] = []
+            for i, node_replies in enumerate(replies):
                 r = node_replies[j]
                 if isinstance(r, BaseException):
                     continue
-                if _as_int(r) == 1:
+                answer = _as_int(r)
+                if answer == 1:
                     oks += 1
                 else:
                     not_owned += 1
-            verdicts.append(judge_owned(oks, not_owned, len(self.nodes)))
+                    if answer == -1:
+                        gone.append(i)
+            verdict = judge_owned(oks, not_owned, len(self.nodes))
+            verdicts.append(verdict)
+            if verdict is True and gone:
+                call = self._restore_call(item)
+                for i in gone:
+                    restore.setdefault(i, []).append(call)
+        if restore:
+            self._restore(restore)
         return verdicts
+
+    def _restore_call(self, item: Renewal) -> Call:
+        args: list[Any] = [item.token, item.ttl_ms, item.fence, self.fence_ttl_ms]
+        for field, value in item.metadata:
+            args.extend((field, value))
+        return Call.run("restore", (item.key, fence_key_for(item.key)), args)
+
+    def _restore(self, per_node: dict[int, list[Call]]) -> None:
+        """Put locks back on the masters that lost them; failures wait for the next renewal."""
+        for i, node_replies in self.fanout_each(per_node).items():
+            for call, reply in zip(per_node[i], node_replies, strict=True):
+                if isinstance(reply, BaseException):
+                    logger.info("cannot put lock %s back on %s: %s", call.keys[0],
+                                self.nodes[i].name, redact_url(str(reply)))
+                elif _as_int(reply) == 1:
+                    logger.info("put lock %s back on %s, which had lost it", call.keys[0],
+                                self.nodes[i].name)
 
     def handover(
         self,
@@ -1051,18 +1102,21 @@ _stores_lock = threading.Lock()
 _stores_pid = os.getpid()
 
 
-def get_store(url: object, *, socket_timeout: float = 0.2, setting: str = "url") -> Store:
+def get_store(url: object, *, socket_timeout: float = 0.2, setting: str = "url",
+              fence_ttl_s: float = FENCE_TTL_MS / 1000.0) -> Store:
     """A process-wide :class:`Store` for ``url`` (connection pools are shared, per process)."""
     global _stores_pid
     parsed = parse_store_url(url, setting=setting)
-    cache_key = (parsed, socket_timeout)
+    fence_ttl_ms = max(1, int(fence_ttl_s * 1000))
+    cache_key = (parsed, socket_timeout, fence_ttl_ms)
     with _stores_lock:
         if _stores_pid != os.getpid():  # forked: the parent's sockets are not ours
             _stores.clear()
             _stores_pid = os.getpid()
         store = _stores.get(cache_key)
         if store is None:
-            store = Store.from_url(parsed, socket_timeout=socket_timeout, setting=setting)
+            store = Store.from_url(parsed, socket_timeout=socket_timeout, setting=setting,
+                                   fence_ttl_ms=fence_ttl_ms)
             _stores[cache_key] = store
         return store
 

@@ -156,7 +156,8 @@ class Supervisor:
         lease = Lease(store, msg["key"], msg["token"], float(msg["ttl"]),
                       fencing_token=int(msg.get("fence", 0)), owner=msg.get("task_id", ""),
                       task_name=msg.get("task", ""), started=msg.get("started"),
-                      validity_s=msg.get("validity"), acquired_at=msg.get("acquired_at"))
+                      validity_s=msg.get("validity"), acquired_at=msg.get("acquired_at"),
+                      info={f: msg[f] for f in ("hostname", "pid", "mode") if f in msg})
         lease.before_lost = self.scan
         lease.on_lost(functools.partial(self._lost, msg=msg))
         msg["slot"], msg["seq"] = slot, seq

@@ -169,8 +169,9 @@ class LockedTask(Task):
         store = cache.get("store")
         if store is None or cache.get("pid") != current_pid():
             url = resolve_store_url(self.app)
-            store = get_store(url, socket_timeout=self.lock_options.socket_timeout,
-                              setting="singleton_lock_url")
+            opts = self.lock_options
+            store = get_store(url, socket_timeout=opts.socket_timeout,
+                              fence_ttl_s=opts.fence_ttl, setting="singleton_lock_url")
             cache["store"], cache["pid"] = store, current_pid()
         return store
 
@@ -294,6 +295,8 @@ class LockedTask(Task):
             self._backend_error(exc, key, opts, req, args, kwargs)
             return None  # lock_on_backend_error="run": the body runs unlocked
         if lease is not None:
+            lease.info = {"hostname": req.hostname or _HOSTNAME, "pid": current_pid(),
+                          "mode": opts.mode}
             if events.wanted(signals.lock_acquired):
                 signals.lock_acquired.send(sender=self, lock_key=key, task_id=req.id,
                                            lease=lease)

@@ -303,6 +303,59 @@ def test_restarted_master_with_empty_script_cache_still_serves_release_and_exten
     assert backend.key_gone_everywhere(held.key)
 
 
+@on_redlock3
+def test_masters_restarted_one_at_a_time_never_leave_a_renewed_holder_short_of_a_quorum(
+    backend: RedisBackend, name: str
+) -> None:
+    """Each master comes back empty; renewal puts the lock back there before the next goes."""
+    _warm_up(backend)
+    lost = threading.Event()
+    held = backend.lock(name, ttl=0.9, renew=True, on_lost=lambda lease: lost.set())
+    assert held.acquire(blocking=False)
+    assert held.lease is not None
+    token, fence = held.token, held.fencing_token
+    fence_key = f"{held.key}:fence"
+    for index in range(backend.n_masters):
+        backend.target.servers[index].restart()
+        restarted = backend.client(index)
+        assert not restarted.exists(held.key)
+        # The next renewal (ttl/3 = 0.3 s) puts it back, with its holder and fencing counter.
+        wait_until(lambda c=restarted: c.hget(held.key, "token") == token, 3.0,
+                   message=f"renewal putting the lock back on restarted master {index}")
+        fields = restarted.hgetall(held.key)
+        assert fields["owner"] == held.owner and 0 < restarted.pttl(held.key) <= 900
+        assert int(restarted.get(fence_key) or 0) >= fence
+        assert backend.tokens(held.key) == [token] * backend.n_masters
+        # A competitor finds it held throughout.
+        assert backend.lock(name, ttl=5.0).acquire(blocking=False) is False
+    assert not lost.is_set()
+    assert held.lease.lost is False
+    # After every master was restarted, a new acquisition still gets a larger fencing token.
+    assert held.release() is True
+    after = backend.lock(name, ttl=5.0)
+    assert after.acquire(blocking=False)
+    assert after.fencing_token > fence
+    after.release()
+
+
+@on_redlock3
+def test_renewal_puts_nothing_back_when_two_masters_lost_the_lock_at_once(
+    backend: RedisBackend, name: str
+) -> None:
+    """Short of a quorum, the lock is lost (lock_on_lost), and no copy is put back."""
+    called = threading.Event()
+    held = backend.lock(name, ttl=0.9, renew=True, on_lost=lambda lease: called.set())
+    assert held.acquire(blocking=False)
+    backend.target.servers[0].restart()
+    backend.target.servers[1].restart()
+    assert called.wait(3.0), "on_lost was not called"
+    assert held.lease is not None and held.lease.lost
+    assert backend.tokens(held.key)[:2] == [None, None]
+    competitor = backend.lock(name, ttl=5.0)
+    assert competitor.acquire(blocking=False)  # a majority of free masters: it may run
+    competitor.release()
+
+
 @pytest.mark.parametrize("store_url", ["single"], indirect=True)
 def test_flushed_script_cache_does_not_break_extend_or_release(
     backend: RedisBackend, name: str

@@ -128,6 +128,68 @@ def test_bad_task_option_raises_lock_config_error_at_registration(
     assert "config.bad_" in str(info.value)  # and the task
 
 
+@pytest.mark.parametrize("ttl", [1e-9, 0.0005, 0.02, 0.59])
+def test_ttl_below_three_socket_timeouts_raises_naming_the_option_and_the_minimum(
+    app: Celery, ttl: float
+) -> None:
+    app.finalize()
+    with pytest.raises(LockConfigError) as info:
+        app.task(base=LockedTask, shared=False, name="config.tiny_ttl", lock_ttl=ttl)(_body)
+    assert info.value.setting == "lock_ttl"
+    assert "at least 0.6 seconds" in str(info.value)
+    assert "singleton_lock_socket_timeout" in str(info.value)
+
+
+def test_ttl_minimum_follows_the_socket_timeout_and_names_the_setting() -> None:
+    app = _app(singleton_lock_socket_timeout=0.5, singleton_lock_ttl=1.2)
+    app.finalize()
+    with pytest.raises(LockConfigError) as info:
+        app.task(base=LockedTask, shared=False, name="config.short_setting")(_body)
+    assert info.value.setting == "singleton_lock_ttl"
+    assert "at least 1.5 seconds" in str(info.value)
+    # Exactly the minimum is renewable; a task option above it wins over the short setting.
+    ok = app.task(base=LockedTask, shared=False, name="config.at_minimum", lock_ttl=1.5)(_body)
+    assert ok.lock_options.ttl == 1.5
+    app.close()
+
+
+def test_beat_ttl_below_three_socket_timeouts_fails_when_the_scheduler_is_made(
+    tmp_path: Any,
+) -> None:
+    from celery_singleton_lock.beat import LockedScheduler
+
+    app = _app(singleton_lock_beat_ttl=0.5)
+    with pytest.raises(LockConfigError) as info:
+        LockedScheduler(app=app, schedule_filename=str(tmp_path / "schedule"))
+    assert info.value.setting == "singleton_lock_beat_ttl"
+    assert "at least 0.6 seconds" in str(info.value)
+    app.close()
+
+
+def test_renewed_redlock_with_a_ttl_below_three_socket_timeouts_is_refused() -> None:
+    from celery_singleton_lock import Redlock
+
+    with pytest.raises(LockConfigError) as info:
+        Redlock("tiny", url="memory://config-tests", ttl=0.3, renew=True)
+    assert info.value.setting == "ttl"
+    assert "at least 0.6 seconds" in str(info.value)
+    Redlock("tiny", url="memory://config-tests", ttl=0.3)  # not renewed: any ttl > 0
+
+
+def test_fence_ttl_setting_is_validated_and_reaches_the_options() -> None:
+    app = _app(singleton_lock_fence_ttl=3600)
+    app.finalize()
+    task = app.task(base=LockedTask, shared=False, name="config.fence_ttl")(_body)
+    assert task.lock_options.fence_ttl == 3600.0
+    app.close()
+    bad = _app(singleton_lock_fence_ttl=-5)
+    bad.finalize()
+    with pytest.raises(LockConfigError) as info:
+        bad.task(base=LockedTask, shared=False, name="config.bad_fence_ttl")(_body)
+    assert info.value.setting == "singleton_lock_fence_ttl"
+    bad.close()
+
+
 def test_lock_key_naming_an_unknown_argument_raises_lock_config_error(app: Celery) -> None:
     app.finalize()
     with pytest.raises(LockConfigError) as info:

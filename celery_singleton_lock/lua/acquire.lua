@@ -5,9 +5,9 @@
 -- ARGV[4..] metadata as field, value pairs written into the lock hash.
 -- Returns {1, fencing token} when acquired (or already held with this token: ttl refreshed),
 -- {0, holder owner id, remaining ttl in ms} when another token holds the lock.
--- A missing counter starts at the server's time in microseconds and lives ARGV[3] ms from
--- then (increments keep that expiry), so tokens keep growing after it expires: a counter that
--- lived 7 days would need more than one acquisition per microsecond to catch up with time.
+-- A missing counter starts at the server's time in microseconds; every acquisition gives it
+-- ARGV[3] ms more to live. Tokens keep growing after it expires: the counter would need more
+-- than one acquisition per microsecond, on average, to catch up with the server's clock.
 local held = redis.call('hget', KEYS[1], 'token')
 if held then
   if held ~= ARGV[1] then
@@ -22,6 +22,8 @@ if fence == 1 then
   local start = now[1] .. string.format('%06d', tonumber(now[2]))
   redis.call('set', KEYS[2], start, 'px', ARGV[3])
   fence = tonumber(start)
+else
+  redis.call('pexpire', KEYS[2], ARGV[3])
 end
 redis.call('hset', KEYS[1], 'token', ARGV[1], unpack(ARGV, 4))
 redis.call('pexpire', KEYS[1], ARGV[2])
