@@ -14,9 +14,10 @@ import uuid
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kombu.utils import json as kombu_json
 
@@ -121,6 +122,33 @@ def untupled(value: Any) -> Any:
         return {k: untupled(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [untupled(v) for v in value]
+    return value
+
+
+_US = timedelta(microseconds=1)
+
+
+def utc_micros(moment: datetime) -> int:
+    """The UTC instant an aware datetime denotes, read through its ``utcoffset()`` (so through
+    its ``fold`` too), in microseconds since the epoch: no overflow near year 1 or 9999."""
+    offset = moment.utcoffset()
+    assert offset is not None
+    return (moment.replace(tzinfo=None) - datetime(1970, 1, 1)) // _US - offset // _US
+
+
+def instants(value: Any) -> Any:
+    """``value`` with lists for tuples and every aware datetime replaced by its UTC instant.
+
+    Python's ``==`` is not "the same instant" for datetimes: it calls an ambiguous or imaginary
+    local time unequal to every time of another zone (PEP 495), and compares two times of one
+    zone by their wall clocks, fold ignored. Comparing instants is the exact relation.
+    """
+    if isinstance(value, dict):
+        return {k: instants(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [instants(v) for v in value]
+    if isinstance(value, datetime) and value.utcoffset() is not None:
+        return ("instant", utc_micros(value))
     return value
 
 
@@ -347,11 +375,79 @@ def test_decimal_beyond_context_precision_is_not_rounded() -> None:
     ),
     other=st.timezones() | fixed_offsets,
 )
+# A draw that once failed: the repeated hour when Lindeman left daylight saving time (02:00 was
+# 15:00Z with fold=0). Python's == calls it unequal to every time of another zone.
+@example(moment=datetime(1992, 3, 1, 2, 0, tzinfo=ZoneInfo("Australia/Lindeman")),
+         other=timezone.utc)
+@example(moment=datetime(2024, 3, 10, 2, 30, tzinfo=ZoneInfo("America/New_York")),
+         other=ZoneInfo("Europe/Paris"))
+@example(moment=datetime(2024, 11, 3, 1, 30, fold=1, tzinfo=ZoneInfo("America/New_York")),
+         other=ZoneInfo("America/New_York"))
 @slow
 def test_one_instant_in_two_timezones_shares_one_key(moment: datetime, other: Any) -> None:
+    # Any local time, imaginary and ambiguous ones too, denotes the instant its utcoffset()
+    # gives (under its fold); astimezone() moves that instant, so both spell one instant.
     moved = moment.astimezone(other)
-    assert moved == moment
+    assert utc_micros(moved) == utc_micros(moment)
     assert encode_value(moved) == encode_value(moment)
+
+
+NEW_YORK = ZoneInfo("America/New_York")
+UTC = timezone.utc
+
+
+def utc_text(*fields: int) -> str:
+    return encode_value(datetime(*fields, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    "local, same_as",
+    [
+        # Clocks go forward at 02:00 on 2024-03-10: 02:30 never happens (imaginary). fold=0
+        # reads it with the offset before the gap (EST), fold=1 with the one after (EDT).
+        (datetime(2024, 3, 10, 2, 30, tzinfo=NEW_YORK), datetime(2024, 3, 10, 7, 30, tzinfo=UTC)),
+        (datetime(2024, 3, 10, 2, 30, fold=1, tzinfo=NEW_YORK),
+         datetime(2024, 3, 10, 6, 30, tzinfo=UTC)),
+        # Clocks go back at 02:00 on 2024-11-03: 01:30 happens twice (ambiguous). fold=0 is the
+        # first time (EDT), fold=1 the second (EST).
+        (datetime(2024, 11, 3, 1, 30, tzinfo=NEW_YORK), datetime(2024, 11, 3, 5, 30, tzinfo=UTC)),
+        (datetime(2024, 11, 3, 1, 30, fold=1, tzinfo=NEW_YORK),
+         datetime(2024, 11, 3, 6, 30, tzinfo=UTC)),
+        # The failing Hypothesis draw: the repeated hour in Lindeman, first time (AEDT, +11).
+        (datetime(1992, 3, 1, 2, 0, tzinfo=ZoneInfo("Australia/Lindeman")),
+         datetime(1992, 2, 29, 15, 0, tzinfo=UTC)),
+    ],
+    ids=["gap_fold0", "gap_fold1", "overlap_fold0", "overlap_fold1", "lindeman_1992"],
+)
+def test_imaginary_and_ambiguous_local_times_are_keyed_by_the_instant_their_fold_gives(
+    local: datetime, same_as: datetime
+) -> None:
+    assert encode_value(local) == encode_value(same_as)
+    assert encode_value(local) == (
+        '{"$datetime":"' + same_as.replace(tzinfo=None).isoformat(timespec="microseconds")
+        + 'Z"}'
+    )
+    # The caller computes the key from ``local``; the worker from what kombu's JSON gives
+    # back (an isoformat() with the offset of that fold): the same key on both sides.
+    assert encode_value(kombu_round_trip([local], {})[0][0]) == encode_value(local)
+
+
+def test_both_folds_of_one_wall_time_get_two_keys_although_python_calls_them_equal() -> None:
+    first = datetime(2024, 11, 3, 1, 30, fold=0, tzinfo=NEW_YORK)
+    second = first.replace(fold=1)
+    assert first == second  # one zone: Python compares wall clocks and ignores fold
+    assert encode_value(first) == utc_text(2024, 11, 3, 5, 30)
+    assert encode_value(second) == utc_text(2024, 11, 3, 6, 30)
+    assert key(None, sync_account, first) != key(None, sync_account, second)
+
+
+def test_an_imaginary_time_shares_the_key_of_the_real_time_at_its_instant() -> None:
+    imaginary = datetime(2024, 3, 10, 2, 30, tzinfo=NEW_YORK)
+    real = datetime(2024, 3, 10, 3, 30, tzinfo=NEW_YORK)  # 07:30Z too, in EDT
+    assert imaginary != real  # one zone: Python compares the wall clocks 02:30 and 03:30
+    assert key(None, sync_account, imaginary) == key(None, sync_account, real)
+    # astimezone() of the imaginary time gives the real one: a round trip need not come back.
+    assert imaginary.astimezone(UTC).astimezone(NEW_YORK) == real
 
 
 @given(t=st.times(timezones=fixed_offsets), other=fixed_offsets)
@@ -368,10 +464,13 @@ def test_naive_and_aware_datetimes_stay_distinct() -> None:
 
 
 @given(a=any_values, b=any_values)
+# One instant that Python's == calls two: an imaginary New York time and its UTC spelling.
+@example(a=[datetime(2024, 3, 10, 2, 30, tzinfo=ZoneInfo("America/New_York"))],
+         b=(datetime(2024, 3, 10, 7, 30, tzinfo=timezone.utc),))
 @slow
 def test_equal_encodings_only_for_equal_values(a: Any, b: Any) -> None:
     if encode_value(a) == encode_value(b):
-        assert untupled(a) == untupled(b)
+        assert instants(a) == instants(b)
 
 
 @pytest.mark.parametrize(
