@@ -18,7 +18,7 @@ from .lease import Lease
 from .store import Store
 from .supervisor import current_supervisor, start_supervisor, stop_supervisor
 
-__all__ = ["install"]
+__all__ = ["install", "check_store", "hide_lock_url_password", "release_enqueue_lock"]
 
 logger = logging.getLogger("celery_singleton_lock.hooks")
 
@@ -36,6 +36,10 @@ def install() -> None:
     celery_signals.task_revoked.connect(_on_revoked, weak=False)
     celery_signals.task_failure.connect(_on_failure, weak=False)
     celery_signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+    celery_signals.celeryd_after_setup.connect(_on_worker_setup, weak=False)
+    from .control import install as install_control
+
+    install_control()
 
 
 def _task(name: str) -> Any:
@@ -104,20 +108,77 @@ def _pool_size(worker: Any) -> int:
 def hide_lock_url_password(app: Any) -> None:
     """Keep ``singleton_lock_url`` as its parsed, self-redacting form in the worker.
 
-    Celery's ``inspect conf`` (and so Flower's ``/api/workers``) censors only settings named
-    like API/TOKEN/KEY/SECRET/PASS and the broker and backend URLs; a plain string setting
-    would show its password. A :class:`~celery_singleton_lock.urls.StoreURL` is not a string:
-    Celery prints its repr, which is redacted, and every reader of the setting accepts it.
+    A :class:`~celery_singleton_lock.urls.StoreURL` is not a string: Celery prints its repr,
+    which is redacted, and every reader of the setting accepts it. The setting is replaced under
+    the name it was given: ``singleton_lock_url``, or a namespaced form such as Django's
+    ``CELERY_SINGLETON_LOCK_URL`` (setting the lowercase name would add a second entry and leave
+    the first one in clear). ``celery inspect conf`` also redacts every other URL
+    (:mod:`celery_singleton_lock.control`).
     """
     from .urls import StoreURL, parse_store_url
 
-    value = app.conf.get("singleton_lock_url")
-    if value is None or isinstance(value, StoreURL):
+    conf = app.conf
+    names = [k for k in list(conf.keys())
+             if isinstance(k, str) and k.lower().endswith("singleton_lock_url")]
+    for name in names:
+        value = conf.get(name)
+        if value is None or isinstance(value, StoreURL):
+            continue
+        try:
+            conf[name] = parse_store_url(value, setting=name)
+        except Exception:  # a bad value is reported where it is used, naming the setting
+            logger.debug("%s left as set", name, exc_info=True)
+
+
+def check_store(app: Any) -> bool:
+    """Ask every master of the app's lock store to answer once; log an ERROR if it cannot.
+
+    Run when a worker starts, before it takes any task, so a store that is down (or short of
+    a quorum) is seen at once rather than as tasks requeued for hours. Returns True when a
+    quorum answered.
+    """
+    from .errors import LockConfigError
+    from .settings import resolve_options, resolve_store_url
+    from .store import get_store
+    from .task import requeue_span_s
+
+    try:
+        url = resolve_store_url(app)
+        opts = resolve_options(None, app)  # the app's settings alone
+        store = get_store(url, socket_timeout=opts.socket_timeout, fence_ttl_s=opts.fence_ttl,
+                          setting="singleton_lock_url")
+        answered, errors = store.ping()
+    except LockConfigError as exc:
+        logger.error("lock store: %s", exc)
+        return False
+    if answered >= store.quorum:
+        logger.info("lock store %s: %d of %d masters answered", store.description, answered,
+                    store.n_masters)
+        return True
+    if opts.on_backend_error == "requeue":
+        then = (
+            f"tasks are requeued (singleton_lock_on_backend_error='requeue') up to "
+            f"{opts.requeue_max} times, over about "
+            f"{requeue_span_s(opts.requeue_delay, opts.requeue_max) / 3600:.1f} hours, "
+            f"then rejected"
+        )
+    elif opts.on_backend_error == "run":
+        then = "tasks run without their lock (singleton_lock_on_backend_error='run')"
+    else:
+        then = "tasks fail (singleton_lock_on_backend_error='fail')"
+    logger.error("lock store %s is unreachable: %s; until it answers, %s", store.description,
+                 store.no_quorum(errors), then)
+    return False
+
+
+def _on_worker_setup(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
+    app = getattr(instance, "app", None) or _app
+    if app is None:
         return
     try:
-        app.conf.singleton_lock_url = parse_store_url(value, setting="singleton_lock_url")
-    except Exception:  # a bad value is reported where it is used, naming the setting
-        logger.debug("singleton_lock_url left as set", exc_info=True)
+        check_store(app)
+    except Exception:  # a check must never stop the worker from starting
+        logger.exception("cannot check the lock store")
 
 
 def _on_child_init(**kwargs: Any) -> None:
@@ -134,12 +195,12 @@ def _on_revoked(request: Any = None, terminated: bool = False, **kwargs: Any) ->
     if sup is not None and task_id:
         sup.release_task(task_id, "revoked", if_exited=True)
     try:
-        _release_enqueue_lock(request, kwargs.get("sender"))
+        release_enqueue_lock(request, kwargs.get("sender"))
     except Exception:  # never let a release error break the worker's revoke handling
         logger.exception("cannot release the enqueue lock of revoked task %s", task_id)
 
 
-def _release_enqueue_lock(request: Any, sender: Any) -> None:
+def release_enqueue_lock(request: Any, sender: Any) -> None:
     """A task revoked before it started still holds its enqueue-time lock: release it."""
     from .task import TOKEN_HEADER, LockedTask
 

@@ -1014,6 +1014,14 @@ class Store:
                   and _text(r[0]) == token)
         return oks >= self.quorum
 
+    def ping(self) -> tuple[int, list[str]]:
+        """Ask every master to answer once: (how many answered, why the others did not)."""
+        replies = self.fanout([Call.plain("PING")])
+        errors = [f"{n.name}: {redact_url(str(r[0]))}"
+                  for n, r in zip(self.nodes, replies, strict=True)
+                  if isinstance(r[0], BaseException)]
+        return len(self.nodes) - len(errors), errors
+
     def no_quorum(self, errors: Sequence[str] = ()) -> str:
         """Why an operation failed for want of a quorum, for a :class:`LockBackendError`."""
         why = f"fewer than {self.quorum} of {self.n_masters} masters answered"

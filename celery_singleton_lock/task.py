@@ -35,7 +35,7 @@ from .settings import LockOptions, register_defaults, resolve_options, resolve_s
 from .store import AcquireInFlight, AcquireResult, PackedArgs, Store, get_store
 from .supervisor import current_poster
 
-__all__ = ["LockedTask", "REQUEUE_HEADER", "TOKEN_HEADER", "execution_key"]
+__all__ = ["LockedTask", "REQUEUE_HEADER", "TOKEN_HEADER", "execution_key", "requeue_span_s"]
 
 logger = logging.getLogger("celery_singleton_lock.task")
 
@@ -53,6 +53,11 @@ def requeue_countdown(base_s: float, requeues: int) -> float:
     """Backoff with jitter: ``base * min(2**n, 16) * uniform(0.8, 1.2)`` seconds."""
     factor = min(2 ** max(0, requeues), REQUEUE_BACKOFF_CAP)
     return base_s * factor * random.uniform(0.8, 1.2)
+
+
+def requeue_span_s(base_s: float, requeue_max: int) -> float:
+    """About how long ``requeue_max`` requeues take in all (the jitter averages out)."""
+    return sum(base_s * min(2**n, REQUEUE_BACKOFF_CAP) for n in range(requeue_max))
 
 
 def run_signature(task_cls: type) -> inspect.Signature | None:
@@ -381,9 +386,11 @@ class LockedTask(Task):
         signals.lock_duplicate.send(sender=self, lock_key=key, task_id=req.id,
                                     holder_id=holder, policy="reject")
         try:
-            self.backend.store_result(req.id, exc, states.REVOKED, request=req)
-            if req.chord:
-                self.backend.on_chord_part_return(req, states.REVOKED, exc)
+            # mark_as_failure also ends the chord part and every later link of a chain in the
+            # same state, so nothing after a rejected duplicate stays PENDING forever; like a
+            # revoke, it calls no errbacks.
+            self.backend.mark_as_failure(req.id, exc, request=req, state=states.REVOKED,
+                                         call_errbacks=False)
         except Exception:
             logger.exception("cannot store the REVOKED state of duplicate %s", req.id)
         self._send_revoked_event(req, str(exc))
