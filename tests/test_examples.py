@@ -232,3 +232,12 @@ def test_ctrl_c_stops_every_process_an_example_started() -> None:
     assert "interrupted: everything started was stopped" in out, out
     _, alive = psutil.wait_procs(started, timeout=10)
     assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+def test_django_example_migrates_deduplicates_and_one_database_beat_leads() -> None:
+    out = run_example(["examples/django_project/run.py"], 180)
+    for what in ("manage.py migrate",
+                 "the worker deduplicates: one ran, the others were rejected: 1 ran, 2 rejected",
+                 "two beats run and one leads",
+                 "the periodic task from the database is sent once per due time"):
+        passed(out, what)

@@ -1,0 +1,1 @@
+"""The example app: one model and two singleton tasks."""
