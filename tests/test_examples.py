@@ -27,7 +27,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.servers import RedisServer, wait_until
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
 
