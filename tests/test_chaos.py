@@ -1,0 +1,265 @@
+"""The chaos run (``python -m chaos``): its checker, its proxy, and a short run with a fixed seed.
+
+The checker tests feed hand-made records, so a checker that never reports anything fails them.
+The slow tests run the real thing: servers, proxy, three prefork workers, faults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis
+
+from chaos.checker import Fault, Sent, check
+from chaos.proxy import ProxyProcess
+from chaos.records import RecordReader, Recorder
+from tests.servers import RedisServer, no_retry, wait_until
+from tests.workers import REPO_ROOT
+
+KEY = "csl:chaos.reject:{abc}"
+TTL_S = 3.0
+
+
+def start(run: str, t: float, fence: int, *, tid: str | None = None, key: str = KEY,
+          pid: int = 100, policy: str = "reject") -> dict[str, Any]:
+    return {"ev": "start", "run": run, "tid": tid or f"task-{run}", "task": f"chaos.{policy}",
+            "policy": policy, "key": key, "fence": fence, "t": t, "pid": pid, "host": "w@h"}
+
+
+def end(run: str, t: float, *, tid: str | None = None, pid: int = 100) -> dict[str, Any]:
+    return {"ev": "end", "run": run, "tid": tid or f"task-{run}", "t": t, "pid": pid}
+
+
+def lost(tid: str, t: float, key: str = KEY) -> dict[str, Any]:
+    return {"ev": "lost", "key": key, "tid": tid, "reason": "gone", "t": t, "pid": 1}
+
+
+def run_check(records: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    kwargs.setdefault("sent", [])
+    kwargs.setdefault("faults", [])
+    return check(records=records, ttl_s=TTL_S, **kwargs)
+
+
+# -- the checker ----------------------------------------------------------------------------
+
+
+def test_checker_reports_an_unreported_overlap_as_a_violation() -> None:
+    report = run_check([start("a", 10.0, 1), start("b", 11.0, 2, pid=200),
+                        end("b", 12.0, pid=200), end("a", 13.0)])
+    assert report["overlaps"]["violations"] == 1
+    detail = report["overlaps"]["violation_details"][0]
+    assert (detail["first"]["run"], detail["second"]["run"]) == ("a", "b")
+    assert detail["overlap_s"] == pytest.approx(1.0)
+    assert report["ok"] is False and report["violation_count"] == 1
+
+
+def test_checker_allows_an_overlap_whose_first_holder_reported_its_lock_lost() -> None:
+    records = [start("a", 10.0, 1), start("b", 11.0, 2, pid=200), end("b", 12.0, pid=200),
+               end("a", 13.0), lost("task-a", 12.5)]
+    report = run_check(records)
+    assert report["overlaps"]["allowed"] == 1
+    assert report["overlaps"]["violations"] == 0
+    assert report["ok"] is True
+
+
+def test_checker_does_not_let_the_second_holders_loss_excuse_an_overlap() -> None:
+    records = [start("a", 10.0, 1), start("b", 11.0, 2, pid=200), end("b", 12.0, pid=200),
+               end("a", 13.0), lost("task-b", 11.5)]
+    assert run_check(records)["overlaps"]["violations"] == 1
+
+
+def test_checker_sees_back_to_back_bodies_as_no_overlap() -> None:
+    report = run_check([start("a", 10.0, 1), end("a", 11.0), start("b", 11.0, 2), end("b", 12.0)])
+    assert report["overlaps"] == {**report["overlaps"], "allowed": 0, "violations": 0}
+    assert report["fencing"]["pairs_checked"] == 1 and report["ok"] is True
+
+
+def test_checker_orders_an_overlap_by_fencing_token() -> None:
+    # b acquired first (token 1) but was stopped before its body started; a then took the lock.
+    records = [start("a", 10.0, 2), start("b", 10.5, 1, pid=200), end("a", 11.0),
+               end("b", 12.0, pid=200), lost("task-b", 10.6)]
+    report = run_check(records)
+    assert report["overlaps"]["allowed"] == 1
+    assert report["fencing"]["allowed"] == 1 and report["ok"] is True
+
+
+def test_checker_flags_fencing_tokens_that_do_not_grow() -> None:
+    equal = run_check([start("a", 10.0, 5), end("a", 11.0), start("b", 12.0, 5), end("b", 13.0)])
+    assert equal["fencing"]["violations"] == 1 and equal["ok"] is False
+    lower = run_check([start("a", 10.0, 5), end("a", 11.0), start("b", 12.0, 3), end("b", 13.0)])
+    assert lower["fencing"]["violations"] == 1
+    excused = run_check([start("a", 10.0, 5), end("a", 11.0), start("b", 12.0, 3),
+                         end("b", 13.0), lost("task-b", 12.5)])
+    assert excused["fencing"] == {**excused["fencing"], "violations": 0, "allowed": 1}
+
+
+def test_checker_counts_requeue_tasks_lost_or_run_twice() -> None:
+    sent = [Sent(tid=t, task="chaos.requeue", policy="requeue", key=KEY, t=1.0)
+            for t in ("never", "twice", "killed", "acked-late")]
+    records = [
+        start("t1", 10.0, 1, tid="twice", policy="requeue"), end("t1", 11.0, tid="twice"),
+        start("t2", 12.0, 2, tid="twice", policy="requeue"), end("t2", 13.0, tid="twice"),
+        # cut short by a kill of pid 300, then delivered again: fine
+        start("k1", 14.0, 3, tid="killed", policy="requeue", pid=300),
+        start("k2", 16.0, 4, tid="killed", policy="requeue"), end("k2", 17.0, tid="killed"),
+        # finished, then its process was killed before the ack: delivered again, fine
+        start("a1", 18.0, 5, tid="acked-late", policy="requeue", pid=400),
+        end("a1", 19.0, tid="acked-late", pid=400),
+        start("a2", 21.0, 6, tid="acked-late", policy="requeue"),
+        end("a2", 22.0, tid="acked-late"),
+    ]
+    faults = [Fault("kill_child", "w", 15.0, 15.0, pids=[300]),
+              Fault("kill_worker", "w", 19.5, 20.0, pids=[400])]
+    report = run_check(records, sent=sent, faults=faults)
+    requeue = report["requeue"]
+    assert (requeue["lost"], requeue["ran_twice"]) == (1, 1)
+    assert requeue["lost_details"][0]["tid"] == "never"
+    assert requeue["ran_twice_details"][0]["tid"] == "twice"
+    assert requeue["cut_short_by_kill"] == 1 and requeue["redelivered_after_kill"] == 1
+    assert requeue["ran_once"] == 2
+    assert report["unfinished"] == [] and report["violations"]["requeue_lost"] == 1
+
+
+def test_checker_reports_bodies_that_never_ended_unless_killed() -> None:
+    report = run_check([start("a", 10.0, 1, pid=300), start("b", 20.0, 2, pid=301)],
+                       faults=[Fault("kill_child", "w", 15.0, 15.0, pids=[300])])
+    assert [r["run"] for r in report["unfinished"]] == ["b"]
+    assert report["violations"]["unfinished"] == 1
+
+
+def test_checker_reports_locks_left_and_locks_outliving_their_holder() -> None:
+    records = [start("a", 10.0, 1), end("a", 11.0)]
+    left = run_check(records, locks_left={KEY: 2})
+    assert left["violations"]["locks_left"] == 1 and left["ok"] is False
+    # Held from 10.1 s and seen free at 20 s: 9 s after its body ended, past ttl + tolerance.
+    stuck = run_check(records, presence={KEY: [(10.1, True), (20.0, False)]})
+    assert stuck["outlive"]["max_s"] == pytest.approx(9.0)
+    assert stuck["outlive"]["violations"] == 1 and stuck["ok"] is False
+    prompt = run_check(records, presence={KEY: [(10.1, True), (11.2, False)]})
+    assert prompt["outlive"]["max_s"] == pytest.approx(0.2)
+    assert prompt["ok"] is True
+
+
+# -- records and proxy ----------------------------------------------------------------------
+
+
+def test_records_are_read_incrementally_and_a_cut_line_is_skipped(tmp_path: Path) -> None:
+    Recorder(tmp_path).write("start", run="a")
+    reader = RecordReader(tmp_path)
+    assert [r["run"] for r in reader.read_new()] == ["a"]
+    with open(tmp_path / "999.jsonl", "ab") as fh:
+        fh.write(b'{"ev": "end", "ru')  # a process killed mid-write
+    Recorder(tmp_path).write("end", run="a")
+    assert [r["ev"] for r in reader.read_new()] == ["end"]
+    assert reader.read_new() == []
+
+
+def test_proxy_delays_partitions_and_heals_one_link() -> None:
+    with RedisServer() as server:
+        proxy = ProxyProcess()
+        try:
+            assert server.port is not None
+            port = proxy.listen("m0", server.port)
+            client = redis.Redis(port=port, socket_timeout=1.0, retry=no_retry())
+            client.set("k", "v")
+            proxy.delay("m0", 0.2)
+            began = time.monotonic()
+            assert client.get("k") == b"v"
+            assert time.monotonic() - began >= 0.4  # 0.2 s each way
+            proxy.partition("m0")
+            with pytest.raises(redis.TimeoutError):
+                client.get("k")
+            proxy.heal("m0")
+            fresh = redis.Redis(port=port, socket_timeout=1.0, retry=no_retry())
+            began = time.monotonic()
+            assert fresh.get("k") == b"v"
+            assert time.monotonic() - began < 0.2
+            client.close()
+            fresh.close()
+        finally:
+            proxy.close()
+
+
+# -- the run itself -------------------------------------------------------------------------
+
+
+def _run_processes(records_dir: Path) -> list[psutil.Process]:
+    """Live processes started for the run whose records go to ``records_dir``."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("CHAOS_RECORDS_DIR") == str(records_dir):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _chaos(*args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-m", "chaos", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_short_chaos_run_with_a_fixed_seed_completes_its_checks(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _chaos("--duration", "60", "--seed", "20261201", "--json", "--out", str(out))
+    stdout, stderr = proc.communicate(timeout=360)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{stderr[-6000:]}"
+    report = json.loads(stdout)
+    assert report["seed"] == 20261201 and report["store"] == "redlock"
+    assert report["ok"] is True and report["violation_count"] == 0, report["violations"]
+    assert report["drained"] is True
+    assert report["tasks_sent"] >= 100 and report["runs"] >= 100
+    assert set(report["tasks"]) == {"reject", "requeue", "wait"}
+    requeue = report["requeue"]
+    assert requeue["sent"] > 0 and requeue["ran_once"] == requeue["sent"]
+    assert len(report["faults"]) >= 5, report["faults"]
+    assert report["samples"] > 100 and report["outlive"]["measured"] > 0
+    assert report["locks_left"] == {}
+    assert json.loads((out / "report.json").read_text())["seed"] == 20261201
+    assert "seed 20261201" in stderr
+    assert _run_processes(out / "records") == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_interrupted_chaos_run_stops_everything_it_started(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _chaos("--duration", "600", "--seed", "7", "--out", str(out))
+    try:
+        # Workers report ready once their app is loaded: then every kind of process is up.
+        wait_until(lambda: len(_run_processes(out / "records")) >= 9, 60, interval_s=0.2,
+                   message="the run's workers")
+        started = psutil.Process(proc.pid).children(recursive=True)
+        names = sorted(" ".join(p.cmdline()[:4]) for p in started)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    # redis-server x 4 (three masters, the broker), the proxy, 3 workers x (main + 2 children)
+    assert len(started) >= 14, names
+    assert [p for p in started if _alive(p)] == []
+    assert _run_processes(out / "records") == []
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
