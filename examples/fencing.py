@@ -115,10 +115,13 @@ def main() -> int:
                     f"worker {queue} to answer")
             print("two workers up: A consumes queue a, B consumes queue b\n")
 
-            first = fencing.set_balance.apply_async((1, 100, 2.0), queue="a")
+            first = fencing.set_balance.apply_async((1, 100, 3.0), queue="a")
             wait_until(lambda: fencing._started(first.id), 30, "worker A to take the lock")
             workers["a"].pause()
             paused_at = time.monotonic()
+            with fencing.connect() as db:
+                if db.execute("SELECT fence FROM accounts WHERE id = 1").fetchone()[0] != 0:
+                    raise RuntimeError("worker A wrote before it was paused: machine too busy?")
             print("1. worker A holds the lock for account 1 and works; 2. worker A is paused"
                   " (SIGSTOP), so nothing renews its 1 s lock")
 

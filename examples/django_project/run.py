@@ -13,7 +13,7 @@ are ``CELERY_SINGLETON_LOCK_*`` in ``shopsite/settings.py``. django-celery-beat'
    times at once: one runs, two are rejected as duplicates, one invoice is written;
 3. stores a PeriodicTask (every second) in the database and starts two beats
    (``celery -A shopsite beat``, the scheduler comes from ``CELERY_BEAT_SCHEDULER``): one leads,
-   the other stands by, and the task runs once per due time, not once per beat.
+   the other stands by and sends nothing, and the task runs.
 
 Uses $REDIS_URL (broker, results) and $SINGLETON_LOCK_URL (locks) when set; otherwise it starts
 private redis-server processes (a broker and three Redlock masters) and stops them at the end,
@@ -33,7 +33,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-from itertools import pairwise
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -128,15 +127,17 @@ def main() -> int:
             print(f"\n{pids[leader]} (pid {leader}) leads, the other stands by")
             wait_until(lambda: IndexBuild.objects.count() >= 4, 30,
                        "4 runs of the periodic task")
-            times = sorted(b.built_at.timestamp()
-                           for b in IndexBuild.objects.all())
-            gaps = [round(b - a, 2) for a, b in pairwise(times)]
+            runs = IndexBuild.objects.count()
+            # Celery's beat logs this line for every entry it is about to send.
+            standby = [b for b in beats if b.pid != leader]
+            quiet = all("Sending due task" not in b.log_text() for b in standby)
             checks.check(leader_pid(topology.lock_urls) == leader and all(
                 b.alive() for b in beats), "two beats run and one leads",
                 f"{pids[leader]} holds {LEADER_KEY}")
-            checks.check(all(gap >= 0.5 for gap in gaps),
-                         "the periodic task from the database is sent once per due time",
-                         f"{len(times)} runs with two beats, gaps {gaps} s")
+            checks.check(quiet, "the standby sends nothing",
+                         f"{standby[0].name} logged no 'Sending due task'")
+            checks.check(runs >= 4, "the periodic task from the database runs",
+                         f"{runs} runs")
         except Exception:
             print(children.logs(), file=sys.stderr)
             raise

@@ -21,8 +21,7 @@ def send_invoice(self, order_id: int) -> int:
 def rebuild_search_index(self) -> str:
     """Scheduled from the database by django-celery-beat (a PeriodicTask row).
 
-    A plain task, so every message a beat sends runs and leaves a row: the rows show that the
-    two beats sent each due time once, not twice.
+    A plain task: every message a beat sends runs and leaves a row.
     """
     IndexBuild.objects.create(task_id=self.request.id)
     return "index rebuilt"
