@@ -332,7 +332,7 @@ class ChaosRun:
             "seed": self.seed, "store": args.store, "duration_s": args.duration,
             "lock_ttl_s": self.ttl_s, "workers": args.workers, "concurrency": args.concurrency,
             "keys": len(lock_keys), "drained": drained, "samples": monitor.samples,
-            **report,
+            **report, "fault_log": [asdict(f) for f in engine.faults],
         }
         if args.out:
             (workdir / "report.json").write_text(json.dumps(report, indent=1))
@@ -435,12 +435,47 @@ def format_report(report: dict[str, Any]) -> str:
         f"longest a lock outlived its holder: {out['max_s']:.2f} s "
         f"({out['measured']} measured; bound {out['bound_s']} s, {out['violations']} over)",
     ]
+    lines += _violation_lines(report)
     if report["ok"]:
         lines.append("OK: no violation")
     else:
         broken = ", ".join(f"{k} {n}" for k, n in v.items() if n)
         lines.append(f"VIOLATIONS: {report['violation_count']} ({broken})")
     return "\n".join(lines)
+
+
+def _clock(t: float) -> str:
+    """``HH:MM:SS.mmm`` UTC of a unix time."""
+    return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+def _body_line(run: dict[str, Any]) -> str:
+    end = _clock(run["end"]) if "end" in run else f"killed {_clock(run.get('killed_at', 0))}"
+    return (f"{run['tid']} on {run['host']} pid {run['pid']} fence {run['fence']} "
+            f"{_clock(run['start'])}-{end} UTC ({run['shape']} {run['size']})")
+
+
+def _violation_lines(report: dict[str, Any], limit: int = 5) -> list[str]:
+    """A few lines per kind of violation; the JSON report has them all."""
+    lines: list[str] = []
+    for d in report["overlaps"]["violation_details"][:limit]:
+        lines += [f"  overlap {d['overlap_s']} s on {d['key']} during "
+                  f"{', '.join(d['faults']) or 'no fault'}:",
+                  f"    first  {_body_line(d['first'])}", f"    second {_body_line(d['second'])}"]
+    for d in report["fencing"]["violation_details"][:limit]:
+        lines += [f"  fencing token did not grow on {d['key']}:",
+                  f"    {_body_line(d['previous'])}", f"    {_body_line(d['next'])}"]
+    for name in ("lost_details", "ran_twice_details"):
+        for d in report["requeue"][name][:limit]:
+            lines.append(f"  requeue task {d['tid']} {name.split('_details')[0]}: "
+                         f"{len(d['runs'])} runs")
+    for run in report["unfinished"][:limit]:
+        lines.append(f"  never finished: {_body_line(run)}")
+    for key, masters in list(report["locks_left"].items())[:limit]:
+        lines.append(f"  still held on {masters} master(s): {key}")
+    for d in report["outlive"]["violation_details"][:limit]:
+        lines.append(f"  outlived its holder by {d['outlived_s']} s: {_body_line(d['run'])}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
