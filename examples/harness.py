@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from celery_singleton_lock import SingletonLockError
 from celery_singleton_lock.embedded import EmbeddedRedis
 from celery_singleton_lock.urls import redact_url
 
@@ -255,4 +256,7 @@ def run(main: Callable[[], int]) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted: everything started was stopped", file=sys.stderr)
         code = 130
+    except SingletonLockError as exc:  # e.g. the lock store is down: say so, no traceback
+        print(f"\nerror: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
     sys.exit(code)

@@ -32,7 +32,8 @@ def main() -> int:
         print(f"lock store: {topology.describe()}\n")
         name = f"reports:daily:{time.time_ns()}"
 
-        print(f"with Redlock({name!r}, url=<{len(urls)} masters>, ttl=1.0):")
+        masters = f"{len(urls)} master" + ("s" if len(urls) > 1 else "")
+        print(f"with Redlock({name!r}, url=<{masters}>, ttl=1.0):")
         first = Redlock(name, url=urls, ttl=1.0)
         other = Redlock(name, url=urls, ttl=1.0)
         with first:

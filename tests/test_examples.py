@@ -27,7 +27,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -242,3 +242,16 @@ def test_django_example_migrates_deduplicates_and_one_database_beat_leads() -> N
                  "the standby sends nothing",
                  "the periodic task from the database runs"):
         passed(out, what)
+
+
+def test_an_example_whose_lock_store_is_down_fails_without_showing_the_password() -> None:
+    password = "ex4mple-s3cret"
+    dead = f"redis://:{password}@127.0.0.1:{free_port()}/0"
+    done = subprocess.run([sys.executable, "examples/redlock.py"], cwd=ROOT,
+                          env=example_env(SINGLETON_LOCK_URL=dead), capture_output=True,
+                          text=True, timeout=60, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert "error: LockBackendError: cannot lock" in out and "127.0.0.1" in out, out
+    assert "Traceback" not in out, out
+    assert password not in out, out
