@@ -70,7 +70,7 @@ app.conf.update(
 @app.task(base=LockedTask, name="cluster.sync_account", lock_key=["account_id"], lock_ttl=10)
 def sync_account(account_id: int, full: bool = False) -> str:
     """One sync per account at a time: duplicates are rejected while it runs."""
-    time.sleep(1.5)
+    time.sleep(2.0)
     return f"synced account {account_id}"
 
 
@@ -210,7 +210,11 @@ def main() -> int:
                     seen_stats = _held_locks(cluster.app.control.inspect(
                         destination=workers, timeout=1).stats())
                 if not seen_flower:
-                    api = json.loads(_http(port, "/api/workers?refresh=1"))
+                    try:  # Flower asks the workers itself, with its own 1 s timeout
+                        api = json.loads(_http(port, "/api/workers?refresh=1"))
+                    except OSError as exc:
+                        print(f"  (Flower /api/workers did not answer: {exc}; asking again)")
+                        api = {}
                     seen_flower = _held_locks({w: i.get("stats") or {} for w, i in api.items()})
                 time.sleep(0.5)
 
