@@ -6,6 +6,7 @@ Installed through Celery's ``celery.commands`` entry point, so with the app give
     celery -A proj locks show KEY [--json]
     celery -A proj locks release KEY [--force] [--yes] [--timeout SECONDS]
     celery -A proj locks purge [--task NAME] --yes
+    celery -A proj locks key TASK [ARGS_JSON] [KWARGS_JSON] [--json]
 
 The lock store is the app's ``singleton_lock_url`` (else its Redis broker) and the keys are
 under ``singleton_lock_key_prefix``. Reading uses ``SCAN`` only (see
@@ -22,11 +23,19 @@ seen by any worker: the ``mode`` column tells such locks apart. Every release is
 compare-and-delete with the token read a moment before, so a lock taken again by a new holder
 meanwhile is left alone.
 
+``key`` answers "why did my task not run?": the key a call with those arguments locks, computed
+by the task itself (``lock_key_for``, in the task's own lock store), and who holds it now. The
+arguments are JSON as the message carries them (kombu's JSON, so ``{"__type__": "datetime",
+"__value__": "..."}`` is a datetime), which gives the key the worker computes.
+``until_and_while_executing`` has two locks, the enqueue lock and the execution lock
+(``<key>:run``); both are shown.
+
 Passwords in URLs never appear in the output: every message goes through ``redact_url``.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -35,8 +44,9 @@ import click
 from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
 from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
+from kombu.utils import json as kombu_json
 
-from .errors import LockBackendError, LockConfigError
+from .errors import LockBackendError, LockConfigError, LockKeyError
 from .inventory import LockRecord, list_locks, purge_locks, read_lock, release_lock
 from .keys import validate_key_prefix
 from .settings import register_defaults, resolve_store_url
@@ -371,3 +381,134 @@ def purge(ctx: click.Context, task: str | None, yes: bool) -> None:
     _warn(ctx, errors)
     scope = f" of task {task}" if task else ""
     _echo(ctx, f"purged {deleted} of {seen} lock{'s' if seen != 1 else ''}{scope}")
+
+
+# ------------------------------------------------------------------------------------------------
+# locks key: the key a call would lock, and its holder
+
+#: Per lock mode, the locks one call takes: (role, suffix added to the key, when it is held).
+_MODE_LOCKS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "while_executing": (
+        ("lock", "", "taken by the worker just before the body runs, released when it ends"),),
+    "until_executing": (
+        ("lock", "", "taken at enqueue, released when a worker starts the task"),),
+    "until_executed": (
+        ("lock", "", "taken at enqueue, released when the task ends for good"),),
+    "until_and_while_executing": (
+        ("enqueue", "", "taken at enqueue, released when a worker starts the task"),
+        ("execution", ":run", "taken when a worker starts the task, released when it ends"),
+    ),
+}
+
+
+def _json_argument(text: str, name: str, kind: type, kind_name: str) -> Any:
+    try:
+        value = kombu_json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc}): {text!r}", param_hint=name) from None
+    if not isinstance(value, kind):
+        raise click.BadParameter(
+            f"must be a JSON {kind_name}, not {type(value).__name__}: {text!r}", param_hint=name
+        )
+    return value
+
+
+def _find_task(app: Any, name: str) -> Any:
+    """The registered task ``name`` (after importing the app's task modules), or a usage error."""
+    try:
+        app.loader.import_default_modules()
+    except Exception as exc:
+        raise click.ClickException(
+            f"cannot import the task modules of app {app.main!r}: {redact_url(str(exc))}"
+        ) from None
+    task = app.tasks.get(name)
+    if task is None:
+        known = sorted(n for n in app.tasks if not n.startswith("celery."))
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise click.BadParameter(f"no task {name!r} in app {app.main!r}{hint}",
+                                 param_hint="TASK")
+    from .task import LockedTask
+
+    if not isinstance(task, LockedTask):
+        raise click.BadParameter(f"task {name!r} is not a LockedTask: it takes no lock",
+                                 param_hint="TASK")
+    return task
+
+
+def _holder_text(record: LockRecord | None, quorum: int) -> str:
+    if record is None:
+        return "none: the lock is free"
+    if record.task_id:
+        who = f"task {record.task_id}"
+        pid = "-" if record.pid is None else str(record.pid)
+        where = (f" on worker {record.hostname} (pid {pid})" if record.hostname
+                 else ", queued (no worker has taken it yet)")
+    else:
+        who, where = "a holder with no task id (a standalone lock)", ""
+    text = f"{who}{where}, {_ttl_text(record.ttl_s)} left"
+    if record.n_masters > 1:
+        text += f", on {record.masters}/{record.n_masters} masters"
+        if record.masters < quorum:
+            text += " (fewer than a quorum: not held, a partial acquisition that will lapse)"
+    if record.acquired_iso is not None:
+        text += f"; acquired {_acquired_text(record)}"
+    return text
+
+
+@locks.command(cls=CeleryCommand)
+@click.argument("task_name", metavar="TASK")
+@click.argument("args_json", metavar="[ARGS_JSON]", default="[]", required=False)
+@click.argument("kwargs_json", metavar="[KWARGS_JSON]", default="{}", required=False)
+@click.option("--json", "as_json", cls=CeleryOption, is_flag=True,
+              help_group="Output Options", help="Print JSON instead of text.")
+@click.pass_context
+def key(ctx: click.Context, task_name: str, args_json: str, kwargs_json: str,
+        as_json: bool) -> None:
+    """The key a call of TASK with these arguments would lock, and who holds it now.
+
+    ARGS_JSON is a JSON list of positional arguments, KWARGS_JSON a JSON object of keyword
+    arguments, as the task message carries them.
+    """
+    args = _json_argument(args_json, "ARGS_JSON", list, "list")
+    kwargs = _json_argument(kwargs_json, "KWARGS_JSON", dict, "object")
+    app = ctx.obj.app
+    task = _find_task(app, task_name)
+    try:
+        mode = task.lock_options.mode
+        base = task.lock_key_for(*args, **kwargs)
+        store = task.lock_store
+    except LockConfigError as exc:
+        raise _config_error(exc) from None
+    except LockKeyError as exc:
+        raise click.BadParameter(str(exc), param_hint=["ARGS_JSON", "KWARGS_JSON"]) from None
+    except LockBackendError as exc:
+        raise _backend_error(exc) from None
+    plan = _MODE_LOCKS.get(mode, (("lock", "", ""),))
+    found = []
+    for role, suffix, when in plan:
+        lock_key = base + suffix
+        try:
+            record = read_lock(store, lock_key)
+        except LockBackendError as exc:
+            raise _backend_error(exc) from None
+        held = record is not None and record.masters >= store.quorum
+        found.append((role, lock_key, when, record, held))
+    if as_json:
+        _echo(ctx, _dump({
+            "task": task.name,
+            "mode": mode,
+            "locks": [
+                {"role": role, "key": lock_key, "held": held,
+                 "holder": record.as_json() if record is not None else None}
+                for role, lock_key, _when, record, held in found
+            ],
+        }))
+        return
+    lines = [f"task  {task.name} (lock_mode {mode})"]
+    for role, lock_key, when, record, _held in found:
+        title = "lock" if role == "lock" else f"{role} lock"
+        lines.append(f"{title}{f' ({when})' if when else ''}")
+        lines.append(f"  key     {lock_key}")
+        lines.append(f"  holder  {_holder_text(record, store.quorum)}")
+    _echo(ctx, "\n".join(lines))

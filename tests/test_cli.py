@@ -35,8 +35,10 @@ JSON_FIELDS = {"key", "task", "task_id", "hostname", "pid", "mode", "acquired_at
 
 
 def run_cli(lock_url: str | list[str], *args: str, broker: str = "", backend: str = "",
-            timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """``celery -A tests.apps.obs_app locks ARGS`` against ``lock_url``."""
+            timeout_s: float = 60.0, app_module: str = "tests.apps.obs_app",
+            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``celery -A tests.apps.obs_app locks ARGS`` against ``lock_url`` (or another app module,
+    with ``extra_env`` on top of the environment)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"]
                                           if env.get("PYTHONPATH") else "")
@@ -46,8 +48,9 @@ def run_cli(lock_url: str | list[str], *args: str, broker: str = "", backend: st
         CSL_TEST_BACKEND=backend or "redis://127.0.0.1:1/1",
     )
     env.pop("CSL_TEST_CONF", None)
+    env.update(extra_env or {})
     return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.apps.obs_app", "locks", *args],
+        [sys.executable, "-m", "celery", "-A", app_module, "locks", *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
         stdin=subprocess.DEVNULL,
     )
@@ -300,6 +303,115 @@ def test_purge_needs_yes_and_honours_task(cli: Any, env: TaskEnv) -> None:
     assert json.loads(cli("list", "--json").stdout) == []
 
 
+@pytest.mark.slow
+def test_key_names_the_holder_of_a_running_call_and_then_says_it_is_free(
+    cli: Any, holds: Holds, env: TaskEnv, worker: CeleryWorker
+) -> None:
+    name, result = holds.start()
+    key = holds.key(name)
+    proc = cli("key", "obs.hold", json.dumps([name, 60]))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "task  obs.hold (lock_mode while_executing)"
+    assert lines[1].startswith("lock (taken by the worker just before the body runs")
+    assert lines[2] == f"  key     {key}"
+    holder = lines[3]
+    assert holder.startswith(f"  holder  task {result.id} on worker {worker.hostname} (pid ")
+    assert int(holder.split("(pid ")[1].split(")")[0]) in worker.child_pids()
+    # lock_key=["name"]: the keyword spelling and other arguments give the same key.
+    data = json.loads(cli("key", "obs.hold", "[]", json.dumps({"name": name, "seconds": 1}),
+                          "--json").stdout)
+    assert (data["task"], data["mode"]) == ("obs.hold", "while_executing")
+    (lock,) = data["locks"]
+    assert (lock["role"], lock["key"], lock["held"]) == ("lock", key, True)
+    assert set(lock["holder"]) == JSON_FIELDS
+    assert lock["holder"]["task_id"] == result.id
+    assert lock["holder"]["hostname"] == worker.hostname
+    assert lock["holder"]["pid"] in worker.child_pids()
+    assert 0 < lock["holder"]["ttl"] <= 3.0
+    holds.stop()
+    env.wait(lambda: not env.lock_client.exists(key), 5, f"{key} released")
+    free = cli("key", "obs.hold", json.dumps([name]))
+    assert free.returncode == 0, free.stderr
+    assert "  holder  none: the lock is free" in free.stdout.splitlines()
+    data = json.loads(cli("key", "obs.hold", json.dumps([name]), "--json").stdout)
+    assert data["locks"] == [{"role": "lock", "key": key, "held": False, "holder": None}]
+
+
+def test_key_of_until_and_while_executing_shows_the_enqueue_and_execution_locks() -> None:
+    from tests.apps import compat_app
+
+    with open_task_env("tests.apps.compat_app") as task_env:
+        client = compat_app.client(task_env.broker_url, task_env.backend_url,
+                                   task_env.lock_url, task_env.lock_url, task_env.lock_url)
+        both = client.tasks["locked.both"]
+        queued = both.apply_async(("s1",), queue="parked")  # no worker: it stays queued
+        key = both.lock_key_for("s1", note="ignored")
+        proc = run_cli(task_env.lock_url, "key", "locked.both", '["s1"]', "--json",
+                       app_module="tests.apps.compat_app", broker=task_env.broker_url,
+                       backend=task_env.backend_url)
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        assert data["mode"] == "until_and_while_executing"
+        enqueue, execution = data["locks"]
+        assert (enqueue["role"], enqueue["key"], enqueue["held"]) == ("enqueue", key, True)
+        assert enqueue["holder"]["task_id"] == queued.id
+        assert enqueue["holder"]["hostname"] == ""  # no worker has it yet
+        assert enqueue["holder"]["mode"] == "until_and_while_executing"
+        assert execution == {"role": "execution", "key": key + ":run", "held": False,
+                             "holder": None}
+        text = run_cli(task_env.lock_url, "key", "locked.both", '["s1"]',
+                       app_module="tests.apps.compat_app", broker=task_env.broker_url,
+                       backend=task_env.backend_url).stdout.splitlines()
+        assert text[1] == ("enqueue lock (taken at enqueue, released when a worker starts "
+                           "the task)")
+        assert text[3].startswith(f"  holder  task {queued.id}, queued (no worker has taken")
+        assert text[4].startswith("execution lock (taken when a worker starts the task")
+        assert text[5:] == [f"  key     {key}:run", "  holder  none: the lock is free"]
+
+
+def test_key_reads_arguments_as_the_message_carries_them(redis_server: RedisServer) -> None:
+    # kombu's JSON: a typed value travels as {"__type__": ..., "__value__": ...}.
+    when = datetime.fromisoformat("2024-03-10T02:30:00-05:00")
+    expected = obs_app.client("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1",
+                              redis_server.url).tasks["obs.signalled"].lock_key_for(when)
+    arg = json.dumps([{"__type__": "datetime", "__value__": when.isoformat()}])
+    proc = run_cli(redis_server.url, "key", "obs.signalled", arg, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [lock["key"] for lock in json.loads(proc.stdout)["locks"]] == [expected]
+
+
+@pytest.mark.parametrize("args, argument, fragment", [
+    (("obs.hold", "[x"), "ARGS_JSON", "not valid JSON"),
+    (("obs.hold", "[]", '["n"]'), "KWARGS_JSON", "must be a JSON object, not list"),
+    (("obs.hodl", '["n"]'), "TASK", "no task 'obs.hodl' in app 'obs_app'; did you mean obs.hold"),
+    (("obs.hold", '["n"]', '{"nom": 1}'), "'ARGS_JSON' / 'KWARGS_JSON'",
+     "unexpected keyword argument 'nom'"),
+], ids=["bad_json", "kwargs_not_an_object", "unknown_task", "arguments_not_the_signature"])
+def test_key_refuses_bad_input_naming_the_argument(args: tuple[str, ...], argument: str,
+                                                    fragment: str) -> None:
+    proc = run_cli("redis://127.0.0.1:1/0", "key", *args)
+    assert proc.returncode == 2
+    assert f"Invalid value for {argument}: " in proc.stderr
+    assert fragment in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_key_refuses_a_task_that_is_not_locked() -> None:
+    proc = run_cli("redis://127.0.0.1:1/0", "key", "plain.add", "[1, 2]",
+                   app_module="tests.apps.compat_app")
+    assert proc.returncode == 2
+    assert "Invalid value for TASK: task 'plain.add' is not a LockedTask" in proc.stderr
+
+
+def test_key_with_the_store_down_is_a_clear_error_without_the_password() -> None:
+    url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    proc = run_cli(url, "key", "obs.hold", '["n"]')
+    assert proc.returncode == 69
+    assert "lock store unavailable" in proc.stderr and "127.0.0.1" in proc.stderr
+    assert PASSWORD not in proc.stdout + proc.stderr
+
+
 def test_task_pattern_is_the_keys_own_spelling_escaped() -> None:
     from fnmatch import fnmatchcase
 
@@ -500,5 +612,5 @@ def test_inspect_conf_hides_the_lock_url_password(app: Celery, worker: CeleryWor
 def test_cli_help_lists_the_commands() -> None:
     proc = run_cli("redis://127.0.0.1:1/0", "--help")
     assert proc.returncode == 0
-    for command in ("list", "show", "release", "purge"):
+    for command in ("list", "show", "release", "purge", "key"):
         assert command in proc.stdout
