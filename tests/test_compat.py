@@ -324,6 +324,9 @@ def test_once_graceful_returns_none_instead_of_raising(
         pass
     # or, handle it gracefully at run time,
     assert example.apply_async(args=(10,), once={"graceful": True}) is None
+    # (apply() runs the task here and takes its lock as a worker would: the lock is held, so
+    # the body does not run; celery-once's apply() ignores the lock and runs it)
+    assert example.apply(args=(10,), once={"graceful": True}).state == "IGNORED"
     # or by default.
     graceful_task = app.tasks["once.graceful_task"]
     held = servers.entered(graceful_task.delay(5))
