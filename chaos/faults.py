@@ -41,14 +41,14 @@ KINDS = (
 Steps = Generator[float, None, None]
 
 
-def available_kinds(store: LockStore) -> list[str]:
-    """The kinds that apply to ``store`` (proxy faults need a proxied store, and so on)."""
-    kinds = list(KINDS)
-    if not store.proxied:
-        kinds = [k for k in kinds if k not in ("latency", "partition")]
-    if len(store.servers) < 3:
-        kinds = [k for k in kinds if k not in ("rolling_restart", "restart_two")]
-    return kinds
+def available_kinds(store_kind: str) -> list[str]:
+    """The kinds that apply to a store kind: a cluster is not behind the proxy, one Redis
+    has no second master to restart."""
+    if store_kind == "cluster":
+        return [k for k in KINDS if k not in ("latency", "partition")]
+    if store_kind == "single":
+        return [k for k in KINDS if k not in ("rolling_restart", "restart_two")]
+    return list(KINDS)
 
 
 class FaultEngine:

@@ -67,7 +67,10 @@ def _log(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m chaos",
+        description="A bounded chaos run: real workers, faults from a seed, an external checker."
+                    " Exit code 1 on a violation of the contract, 2 if the run failed.")
     parser.add_argument("--duration", type=float, default=120.0,
                         help="seconds of tasks and faults (default 120)")
     parser.add_argument("--seed", type=int, default=None, help="replay a run's seed")
@@ -92,6 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.lock_ttl <= 0 or args.keys < 3 or args.rate <= 0:
         parser.error("--duration, --lock-ttl and --rate must be > 0, --keys at least 3")
+    kinds = available_kinds(args.store)
+    if args.faults == "all":
+        args.fault_kinds = kinds
+    elif args.faults == "none":
+        args.fault_kinds = []
+    else:
+        args.fault_kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
+        unusable = sorted(set(args.fault_kinds) - set(kinds))
+        if unusable:
+            parser.error(f"--faults: {', '.join(unusable)} not available with --store "
+                         f"{args.store} (choose from {', '.join(kinds)})")
     return args
 
 
@@ -264,12 +278,7 @@ class ChaosRun:
         monitor.start()
         stack.callback(monitor.stop)
 
-        kinds = available_kinds(store)
-        if args.faults == "none":
-            kinds = []
-        elif args.faults != "all":
-            kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
-        engine = FaultEngine(self.rng, self.ttl_s, workers, store, proxy, kinds,
+        engine = FaultEngine(self.rng, self.ttl_s, workers, store, proxy, args.fault_kinds,
                              busy_pids=self._busy_pids, log=_log)
         stack.callback(engine.finish)
 
