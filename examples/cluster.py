@@ -103,20 +103,6 @@ def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for s in family.samples}
 
 
-def _leader_pid(lock_urls: list[str]) -> int | None:
-    """The pid in the beat leader lock on a majority of the masters."""
-    import redis
-
-    pids = []
-    for url in lock_urls:
-        with redis.Redis.from_url(url, socket_timeout=1, decode_responses=True) as client:
-            pids.append(client.hget(LEADER_KEY, "pid"))
-    for pid in set(pids):
-        if pid is not None and pids.count(pid) > len(lock_urls) // 2:
-            return int(pid)
-    return None
-
-
 def _outcome(result: Any) -> tuple[str, str]:
     try:
         return "ran", str(result.get(timeout=30))
@@ -130,7 +116,7 @@ def _held_locks(stats: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]
 
 
 def main() -> int:
-    from harness import Checks, Children, redis_topology, wait_until
+    from harness import Checks, Children, holder_pid, redis_topology, wait_for_holder, wait_until
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=30.0, metavar="SECONDS",
@@ -197,9 +183,7 @@ def main() -> int:
                 for name in ("beat-1", "beat-2")]
             beats_started = time.monotonic()
             pids = {b.pid: b.name for b in beats}
-            leader = wait_until(
-                lambda: next((p for p in [_leader_pid(topology.lock_urls)] if p in pids), None),
-                60, "a beat to lead")
+            leader = wait_for_holder(topology.lock_urls, LEADER_KEY, pids, 60)
             print(f"\n{pids[leader]} (pid {leader}) leads; running for {args.duration:.0f} s\n")
 
             deadline = time.monotonic() + args.duration
@@ -218,7 +202,7 @@ def main() -> int:
                     seen_flower = _held_locks({w: i.get("stats") or {} for w, i in api.items()})
                 time.sleep(0.5)
 
-            leader_now = _leader_pid(topology.lock_urls)
+            leader_now = holder_pid(topology.lock_urls, LEADER_KEY)
             standby = [b for b in beats if b.pid != leader]
             checks.check(leader_now == leader and all(b.alive() for b in beats),
                          "one beat led all along, the other stood by",

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,8 @@ from celery_singleton_lock.embedded import EmbeddedRedis
 from celery_singleton_lock.urls import redact_url
 
 __all__ = [
-    "Checks", "Child", "Children", "Topology", "eventually", "redis_topology", "run",
-    "wait_until",
+    "Checks", "Child", "Children", "Topology", "eventually", "holder_pid", "redis_topology",
+    "run", "wait_for_holder", "wait_until",
 ]
 
 #: The examples folder: the Celery app modules live here, so children run with it on sys.path.
@@ -74,6 +74,37 @@ def eventually(predicate: Callable[[], Any], timeout_s: float) -> float | None:
     except TimeoutError:
         return None
     return time.monotonic() - start
+
+
+def holder_pid(lock_urls: Sequence[str], key: str) -> int | None:
+    """The ``pid`` field of lock ``key`` on a majority of the masters, or None.
+
+    Locks are Redis hashes holding the holder's fields (see "Design notes" in the README), so
+    a plain ``HGET`` shows who holds one, for example which beat holds the leader lock.
+    """
+    import redis
+
+    pids = []
+    for url in lock_urls:
+        with redis.Redis.from_url(url, socket_timeout=1, decode_responses=True) as client:
+            pids.append(client.hget(key, "pid"))
+    for pid in set(pids):
+        if pid is not None and pids.count(pid) > len(lock_urls) // 2:
+            return int(pid)
+    return None
+
+
+def wait_for_holder(lock_urls: Sequence[str], key: str, pids: Iterable[int],
+                    timeout_s: float) -> int:
+    """Wait until one of ``pids`` holds lock ``key``; returns that pid."""
+    wanted = set(pids)
+
+    def holder() -> int | None:
+        pid = holder_pid(lock_urls, key)
+        return pid if pid in wanted else None
+
+    return int(wait_until(holder, timeout_s, f"one of the processes {sorted(wanted)} to hold"
+                                             f" {key}"))
 
 
 @dataclass

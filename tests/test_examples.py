@@ -188,7 +188,7 @@ def test_ha_beat_example_fails_over_within_the_beat_ttl() -> None:
 
 
 def test_cluster_example_shows_duplicates_a_leading_beat_and_worker_locks() -> None:
-    out = run_example(["examples/cluster.py", "--duration", "10"], 180)
+    out = run_example(["examples/cluster.py", "--duration", "6"], 180)
     for what in ("duplicates rejected",
                  "one beat led all along, the other stood by",
                  "a worker reports its locks in celery inspect stats (singleton_locks)",

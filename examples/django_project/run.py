@@ -42,22 +42,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 LEADER_KEY = "shop:{beat:shopsite}"
 
 
-def leader_pid(lock_urls: list[str]) -> int | None:
-    """The pid in the beat leader lock on a majority of the masters."""
-    import redis
-
-    pids = []
-    for url in lock_urls:
-        with redis.Redis.from_url(url, socket_timeout=1, decode_responses=True) as client:
-            pids.append(client.hget(LEADER_KEY, "pid"))
-    for pid in set(pids):
-        if pid is not None and pids.count(pid) > len(lock_urls) // 2:
-            return int(pid)
-    return None
-
-
 def main() -> int:
-    from harness import Checks, Children, redis_topology, wait_until
+    from harness import Checks, Children, holder_pid, redis_topology, wait_for_holder, wait_until
 
     checks = Checks()
     with tempfile.TemporaryDirectory(prefix="csl-django-") as tmp, \
@@ -121,9 +107,7 @@ def main() -> int:
                                     "-s", str(workdir / f"{name}-schedule"), cwd=HERE)
                      for name in ("beat-1", "beat-2")]
             pids = {b.pid: b.name for b in beats}
-            leader = wait_until(
-                lambda: next((p for p in [leader_pid(topology.lock_urls)] if p in pids), None),
-                60, "a beat to lead")
+            leader = wait_for_holder(topology.lock_urls, LEADER_KEY, pids, 60)
             print(f"\n{pids[leader]} (pid {leader}) leads, the other stands by")
             wait_until(lambda: IndexBuild.objects.count() >= 4, 30,
                        "4 runs of the periodic task")
@@ -131,7 +115,7 @@ def main() -> int:
             # Celery's beat logs this line for every entry it is about to send.
             standby = [b for b in beats if b.pid != leader]
             quiet = all("Sending due task" not in b.log_text() for b in standby)
-            checks.check(leader_pid(topology.lock_urls) == leader and all(
+            checks.check(holder_pid(topology.lock_urls, LEADER_KEY) == leader and all(
                 b.alive() for b in beats), "two beats run and one leads",
                 f"{pids[leader]} holds {LEADER_KEY}")
             checks.check(quiet, "the standby sends nothing",
