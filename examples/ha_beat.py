@@ -131,7 +131,8 @@ def main() -> int:
                               BEAT_TTL_S + 10)
             checks.check(took is not None and took <= BEAT_TTL_S + 0.5,
                          "beat-2 leads within singleton_lock_beat_ttl of the kill",
-                         f"after {took:.2f} s" if took is not None else "never")
+                         f"after {took:.2f} s (ttl {BEAT_TTL_S} s; the check allows 0.5 s more"
+                         " for a busy machine)" if took is not None else "never")
             wait_until(lambda: sent_by(second.pid) >= 2, 15, "2 ticks from beat-2")
             second.stop()
 
