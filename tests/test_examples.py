@@ -255,3 +255,14 @@ def test_an_example_whose_lock_store_is_down_fails_without_showing_the_password(
     assert "error: LockBackendError: cannot lock" in out and "127.0.0.1" in out, out
     assert "Traceback" not in out, out
     assert password not in out, out
+
+
+def test_fencing_example_uses_the_redis_in_redis_url_and_never_shows_its_password() -> None:
+    password = "fence-pw-9Qx"
+    with RedisServer(password=password) as server:
+        out = run_example(["examples/fencing.py"], 120, REDIS_URL=server.url)
+        assert "the servers you gave" in out, out
+        passed(out, "the paused, stale holder's write is refused")
+        assert password not in out, out
+        with server.client() as client:  # the lock store was this server too
+            assert list(client.scan_iter(match="csl:fencing.set_balance:*:fence")), out
