@@ -308,9 +308,11 @@ def _outlive(
     ttl_s: float, tolerance_s: float, watched_until: float | None,
 ) -> dict[str, Any]:
     starts: dict[str, list[float]] = defaultdict(list)
+    by_key: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         if run.key is not None:
             starts[run.key].append(run.start)
+            by_key[run.key].append(run)
     for times in starts.values():
         times.sort()
     longest: dict[str, Any] | None = None
@@ -320,6 +322,9 @@ def _outlive(
         stop = run.stop
         if run.key is None or stop is None or run.key not in presence:
             continue
+        if any(other is not run and other.start <= stop and (other.stop or float("inf")) > stop
+               for other in by_key[run.key]):
+            continue  # another body of this key still ran: the lock seen then was not only ours
         _, free_at = _held_after(presence[run.key], stop)
         key_starts = starts[run.key]
         i = bisect.bisect_right(key_starts, stop)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import secrets
 import shutil
@@ -92,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print the report as JSON on stdout (the text goes to stderr)")
     parser.add_argument("--out", default=None,
                         help="keep records, worker logs and the report in this directory")
+    parser.add_argument("--recheck", metavar="DIR", default=None,
+                        help="start nothing: check again a run kept with --out DIR")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.lock_ttl <= 0 or args.keys < 3 or args.rate <= 0:
         parser.error("--duration, --lock-ttl and --rate must be > 0, --keys at least 3")
@@ -334,21 +337,22 @@ class ChaosRun:
             worker.stop()
         self._poll_records(reader)
 
-        report = check(records=self.records, sent=self.sent, faults=engine.faults,
-                       ttl_s=self.ttl_s, presence=monitor.transitions, locks_left=leftovers,
-                       watched_until=watched_until)
-        report = {
+        meta = {
             "seed": self.seed, "store": args.store, "duration_s": args.duration,
             "lock_ttl_s": self.ttl_s, "workers": args.workers, "concurrency": args.concurrency,
             "keys": len(lock_keys), "drained": drained, "samples": monitor.samples,
-            **report, "fault_log": [asdict(f) for f in engine.faults],
         }
-        if args.out:
-            (workdir / "report.json").write_text(json.dumps(report, indent=1))
+        observed = {"presence": monitor.transitions, "locks_left": leftovers,
+                    "watched_until": watched_until}
+        if args.out:  # everything --recheck needs to check the run again
             (workdir / "sent.jsonl").write_text(
                 "".join(json.dumps(asdict(s)) + "\n" for s in self.sent))
             (workdir / "faults.json").write_text(
                 json.dumps([asdict(f) for f in engine.faults], indent=1))
+            (workdir / "observed.json").write_text(json.dumps({"meta": meta, **observed}))
+        report = assemble(meta, self.records, self.sent, engine.faults, observed)
+        if args.out:
+            (workdir / "report.json").write_text(json.dumps(report, indent=1))
         return report
 
     def _heal(self, workers: list[CeleryWorker], store: LockStore,
@@ -405,6 +409,28 @@ class ChaosRun:
         if left:
             _log(f"{len(left)} locks still held {self.ttl_s + 1.0:.1f} s after the run")
         return dict(left)
+
+
+def assemble(meta: dict[str, Any], records: list[dict[str, Any]], sent: list[Sent],
+             faults: list[Fault], observed: dict[str, Any]) -> dict[str, Any]:
+    """The report: the run's figures, then the checker's findings, then the fault log."""
+    presence = {key: [(float(t), bool(held)) for t, held in changes]
+                for key, changes in observed["presence"].items()}
+    findings = check(records=records, sent=sent, faults=faults, ttl_s=meta["lock_ttl_s"],
+                     presence=presence, locks_left=observed["locks_left"],
+                     watched_until=observed["watched_until"])
+    return {**meta, **findings, "fault_log": [asdict(f) for f in faults]}
+
+
+def recheck(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a run kept with ``--out`` again, from its files alone (no process is started)."""
+    workdir = Path(directory)
+    observed = json.loads((workdir / "observed.json").read_text())
+    sent = [Sent(**json.loads(line))
+            for line in (workdir / "sent.jsonl").read_text().splitlines() if line]
+    faults = [Fault(**f) for f in json.loads((workdir / "faults.json").read_text())]
+    records = RecordReader(workdir / "records").read_new()
+    return assemble(observed.pop("meta"), records, sent, faults, observed)
 
 
 def _copy_log(worker: CeleryWorker, workdir: Path) -> None:
@@ -502,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        report = run(args)
+        report = recheck(args.recheck) if args.recheck else run(args)
     except KeyboardInterrupt:
         _log("interrupted; everything it started is stopped")
         return 130

@@ -22,6 +22,7 @@ import redis
 from chaos.checker import Fault, Sent, check
 from chaos.proxy import ProxyProcess
 from chaos.records import RecordReader, Recorder
+from chaos.run import recheck
 from tests.servers import RedisServer, no_retry, wait_until
 from tests.workers import REPO_ROOT
 
@@ -147,6 +148,19 @@ def test_checker_reports_locks_left_and_locks_outliving_their_holder() -> None:
     prompt = run_check(records, presence={KEY: [(10.1, True), (11.2, False)]})
     assert prompt["outlive"]["max_s"] == pytest.approx(0.2)
     assert prompt["ok"] is True
+    # The next holder starting at 11.5 s accounts for the key being held after that.
+    taken = run_check([*records, start("b", 11.5, 2), end("b", 19.0)],
+                      presence={KEY: [(10.1, True), (19.2, False)]})
+    assert taken["outlive"]["max_s"] == pytest.approx(0.5)
+
+
+def test_checker_does_not_blame_a_holder_for_a_lock_another_body_still_holds() -> None:
+    # a overlapped b (reported); when a ended at 11 s, the key seen until 19 s was b's.
+    records = [start("b", 9.0, 1, pid=200), start("a", 10.0, 2), end("a", 11.0),
+               end("b", 19.0, pid=200), lost("task-b", 9.5)]
+    report = run_check(records, presence={KEY: [(9.1, True), (19.2, False)]})
+    assert report["outlive"]["violations"] == 0 and report["ok"] is True
+    assert report["outlive"]["max_s"] == pytest.approx(0.2)
 
 
 # -- records and proxy ----------------------------------------------------------------------
@@ -230,6 +244,8 @@ def test_short_chaos_run_with_a_fixed_seed_completes_its_checks(tmp_path: Path) 
     assert report["samples"] > 100 and report["outlive"]["measured"] > 0
     assert report["locks_left"] == {}
     assert json.loads((out / "report.json").read_text())["seed"] == 20261201
+    again = recheck(out)  # the kept files alone give the same findings
+    assert again["violations"] == report["violations"] and again["runs"] == report["runs"]
     assert "seed 20261201" in stderr
     assert _run_processes(out / "records") == []
 
