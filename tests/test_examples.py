@@ -211,6 +211,7 @@ def test_ctrl_c_stops_every_process_an_example_started() -> None:
     proc = subprocess.Popen(
         [sys.executable, "examples/ha_beat.py"], cwd=ROOT, env=example_env(),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
     lines: list[str] = []
     try:
@@ -222,7 +223,7 @@ def test_ctrl_c_stops_every_process_an_example_started() -> None:
         started = psutil.Process(proc.pid).children(recursive=True)
         names = sorted({p.name() for p in started})
         assert len(started) >= 6, names  # 4 redis-servers, 2 beats
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the foreground group
         out = proc.communicate(timeout=60)[0]
     finally:
         if proc.poll() is None:
