@@ -29,8 +29,6 @@ import yaml
 
 from tests.servers import RedisServer, free_port
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 COMPOSE = ROOT / "docker-compose.yml"
@@ -149,6 +147,7 @@ def test_the_image_holds_the_app_module_and_flower_config_the_commands_name() ->
 # -- the examples -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_redlock_example_over_three_masters_it_starts() -> None:
     out = run_example(["examples/redlock.py"], 60)
     assert "private redis-server processes" in out, out
@@ -160,6 +159,7 @@ def test_redlock_example_over_three_masters_it_starts() -> None:
         passed(out, what)
 
 
+@pytest.mark.slow
 def test_redlock_example_uses_the_masters_in_singleton_lock_url(
     redis_masters: Callable[..., list[RedisServer]],
 ) -> None:
@@ -172,6 +172,7 @@ def test_redlock_example_uses_the_masters_in_singleton_lock_url(
             assert list(client.scan_iter(match="csl:{reports:daily:*}:fence")), master.url
 
 
+@pytest.mark.slow
 def test_fencing_example_refuses_the_paused_holders_write() -> None:
     out = run_example(["examples/fencing.py"], 120)
     passed(out, "the paused, stale holder's write is refused: token")
@@ -179,6 +180,7 @@ def test_fencing_example_refuses_the_paused_holders_write() -> None:
     assert re.search(r"worker A resumed and wrote with its old token \d+: 0 rows updated", out)
 
 
+@pytest.mark.slow
 def test_ha_beat_example_fails_over_within_the_beat_ttl() -> None:
     out = run_example(["examples/ha_beat.py"], 120)
     for what in ("only the leader sends while both run",
@@ -187,6 +189,7 @@ def test_ha_beat_example_fails_over_within_the_beat_ttl() -> None:
         passed(out, what)
 
 
+@pytest.mark.slow
 def test_cluster_example_shows_duplicates_a_leading_beat_and_worker_locks() -> None:
     out = run_example(["examples/cluster.py", "--duration", "6"], 180)
     for what in ("duplicates rejected",
@@ -207,6 +210,7 @@ def test_cluster_example_rejects_a_bad_duration() -> None:
     assert done.returncode == 2 and "--duration must be > 0" in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_an_example_started() -> None:
     proc = subprocess.Popen(
         [sys.executable, "examples/ha_beat.py"], cwd=ROOT, env=example_env(),
@@ -235,6 +239,7 @@ def test_ctrl_c_stops_every_process_an_example_started() -> None:
     assert not alive, [(p.pid, p.name()) for p in alive]
 
 
+@pytest.mark.slow
 def test_django_example_migrates_deduplicates_and_one_database_beat_leads() -> None:
     out = run_example(["examples/django_project/run.py"], 180)
     for what in ("manage.py migrate",
@@ -258,6 +263,7 @@ def test_an_example_whose_lock_store_is_down_fails_without_showing_the_password(
     assert password not in out, out
 
 
+@pytest.mark.slow
 def test_fencing_example_uses_the_redis_in_redis_url_and_never_shows_its_password() -> None:
     password = "fence-pw-9Qx"
     with RedisServer(password=password) as server:
