@@ -168,6 +168,20 @@ def _faults_during(faults: Sequence[Fault], start: float, end: float, ttl_s: flo
                    if f.start <= end and f.end + ttl_s >= start})
 
 
+def _paused_during(faults: Sequence[Fault], run: Run) -> dict[str, float] | None:
+    """The pause of ``run``'s worker during the run, if there was one: when it began, how
+    long it lasted, and how soon after SIGCONT the body ended."""
+    stop = run.stop
+    for fault in faults:
+        if (fault.kind == "pause_worker" and fault.target == run.host and stop is not None
+                and fault.start < stop and fault.end > run.start):
+            paused = {"from": fault.start, "seconds": round(fault.end - fault.start, 3)}
+            if run.end is not None and run.end >= fault.end - 0.05:  # SIGCONT, then the time
+                paused["body_ended_after_resume_s"] = round(max(0.0, run.end - fault.end), 4)
+            return paused
+    return None
+
+
 def _overlaps(
     runs: Sequence[Run], lost: Mapping[tuple[str, str], list[float]],
     faults: Sequence[Fault], ttl_s: float,
@@ -202,6 +216,9 @@ def _overlaps(
                     "first": first.brief(), "second": second.brief(),
                     "lost_reported_at": reported, "faults": faults_seen,
                 }
+                paused = _paused_during(faults, first)
+                if paused is not None:
+                    finding["first_paused"] = paused
                 if reported is not None:
                     allowed.append(finding)
                     by_fault.update(faults_seen or ["none"])

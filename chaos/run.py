@@ -497,6 +497,11 @@ def _violation_lines(report: dict[str, Any], limit: int = 5) -> list[str]:
         lines += [f"  overlap {d['overlap_s']} s on {d['key']} during "
                   f"{', '.join(d['faults']) or 'no fault'}:",
                   f"    first  {_body_line(d['first'])}", f"    second {_body_line(d['second'])}"]
+        paused = d.get("first_paused")
+        if paused and "body_ended_after_resume_s" in paused:
+            lines.append(f"    the first holder's worker was stopped {paused['seconds']} s from "
+                         f"{_clock(paused['from'])}; its body ended "
+                         f"{paused['body_ended_after_resume_s']} s after SIGCONT, no lock_lost")
     for d in report["fencing"]["violation_details"][:limit]:
         lines += [f"  fencing token did not grow on {d['key']}:",
                   f"    {_body_line(d['previous'])}", f"    {_body_line(d['next'])}"]

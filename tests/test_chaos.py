@@ -24,7 +24,7 @@ from chaos.proxy import ProxyProcess
 from chaos.records import RecordReader, Recorder
 from chaos.run import recheck
 from tests.servers import RedisServer, no_retry, wait_until
-from tests.workers import REPO_ROOT
+from tests.workers import REPO_ROOT, CeleryWorker
 
 KEY = "csl:chaos.reject:{abc}"
 TTL_S = 3.0
@@ -279,3 +279,77 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# -- what the chaos run found ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True, raises=TimeoutError,
+    reason="found by the chaos run (seed 11, --faults pause_worker): a holder stopped past its "
+           "ttl whose body ends on SIGCONT, before any renewal, never reports lock_lost, though "
+           "a duplicate ran while it was stopped",
+)
+def test_holder_stopped_past_its_ttl_reports_its_lock_lost(tmp_path: Path) -> None:
+    from celery import Celery
+
+    records_dir = tmp_path / "records"
+    records_dir.mkdir()
+    reader = RecordReader(records_dir)
+    seen: list[dict[str, Any]] = []
+
+    def record(ev: str, tid: str) -> dict[str, Any] | None:
+        seen.extend(reader.read_new())
+        return next((r for r in seen if r["ev"] == ev and r["tid"] == tid), None)
+
+    def need(predicate: Any, timeout_s: float, message: str) -> Any:
+        """Steps of the scenario itself fail the test outright, not as the expected failure."""
+        try:
+            return wait_until(predicate, timeout_s, message=message)
+        except TimeoutError as exc:
+            raise AssertionError(str(exc)) from None
+
+    with RedisServer() as lock_server, RedisServer() as broker_server:
+        base = broker_server.url.rsplit("/", 1)[0]
+        conf = {"singleton_lock_ttl": 1.0, "task_ignore_result": True,
+                "worker_prefetch_multiplier": 1}
+        env = {"CSL_TEST_CONF": json.dumps(conf), "CHAOS_RECORDS_DIR": str(records_dir)}
+        holder, other = (CeleryWorker("chaos.app", f"{base}/0", f"{base}/1", lock_server.url,
+                                      concurrency=1, queues=[queue], env=env)
+                         for queue in ("first", "second"))
+        sender = Celery("sender", broker=f"{base}/0")
+        locks = lock_server.client(decode_responses=True)
+        try:
+            holder.start()
+            other.start()
+            first = sender.send_task("chaos.reject", args=["k", "sleep", 0.4], queue="first",
+                                     ignore_result=True).id
+            started = need(lambda: record("start", first), 30, message="first body")
+            holder.pause()  # its 0.4 s sleep ends while it is stopped
+            paused_at = time.time()
+            try:
+                need(lambda: not locks.exists(started["key"]), 5, message="lock expiry")
+                second = sender.send_task("chaos.reject", args=["k", "sleep", 0.2],
+                                          queue="second", ignore_result=True).id
+                need(lambda: record("end", second), 30, message="duplicate's body")
+            finally:
+                resumed_at = time.time()
+                holder.resume()
+            ended = need(lambda: record("end", first), 10, message="first body's end")
+            assert ended["t"] < resumed_at + 1.0, "the first body should end on SIGCONT"
+            faults = [Fault("pause_worker", holder.hostname, paused_at, resumed_at)]
+            premise = check(records=seen, sent=[], faults=faults, ttl_s=1.0)
+            overlaps = premise["overlaps"]
+            assert overlaps["allowed"] + overlaps["violations"] == 1, overlaps
+            # The contract: the first holder is told its lock was lost, so the overlap is one
+            # SPEC 5-7 allow. Bounded: a renewal would have come within ttl/3 of SIGCONT.
+            wait_until(lambda: record("lost", first), 3.0, message="lock_lost of the holder")
+            report = check(records=seen, sent=[], faults=faults, ttl_s=1.0)
+            assert report["overlaps"]["allowed"] == 1 and report["ok"], report["violations"]
+        finally:
+            locks.close()
+            sender.close()
+            holder.close()
+            other.close()
