@@ -86,7 +86,7 @@ def refresh_dashboard() -> str:
 
 def _http(port: int, path: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-        return reply.read().decode()  # type: ignore[no-any-return]
+        return str(reply.read().decode())
 
 
 def _free_port() -> int:

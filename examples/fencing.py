@@ -109,10 +109,9 @@ def main() -> int:
                     f"worker-{queue}", "-A", "fencing", "worker", "--pool", "solo", "-Q", queue,
                     "-n", f"fencing-{queue}@%h", "--without-mingle", "--without-gossip",
                     "--loglevel", "WARNING")
-            for queue in workers:
-                wait_until(lambda q=queue: fencing.app.control.ping(
-                    [f"fencing-{q}@{socket.gethostname()}"], timeout=0.5), 60,
-                    f"worker {queue} to answer")
+            names = [f"fencing-{queue}@{socket.gethostname()}" for queue in workers]
+            wait_until(lambda: len(fencing.app.control.ping(names, timeout=0.5)) == 2, 60,
+                       "both workers to answer")
             print("two workers up: A consumes queue a, B consumes queue b\n")
 
             first = fencing.set_balance.apply_async((1, 100, 3.0), queue="a")
