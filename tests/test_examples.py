@@ -138,6 +138,9 @@ def test_the_image_holds_the_app_module_and_flower_config_the_commands_name() ->
     assert workdirs[-1] == "/app/examples", workdirs
     assert ["examples", "./examples"] in copies, copies
     assert ["celery_singleton_lock", "./celery_singleton_lock"] in copies, copies
+    # flowerconfig.py registers the Prometheus collector: the image needs both.
+    installs = [rest[0] for word, *rest in lines if word == "RUN" and "pip install" in rest[0]]
+    assert any('".[prometheus]"' in i and "flower" in i for i in installs), installs
     assert (EXAMPLES / "cluster.py").is_file() and (EXAMPLES / "flowerconfig.py").is_file()
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
