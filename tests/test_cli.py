@@ -515,8 +515,9 @@ def test_cluster_list_scans_every_primary(redis_cluster: RedisCluster) -> None:
 
 
 @pytest.mark.slow
-def test_list_task_among_100000_locks_is_fast_and_never_uses_keys(redis_server: RedisServer
-                                                                  ) -> None:
+def test_list_task_among_100000_locks_reads_only_its_rows_and_never_uses_keys(
+    redis_server: RedisServer,
+) -> None:
     client = redis_server.client()
     wanted = 50
     pipe = client.pipeline(transaction=False)
@@ -543,9 +544,14 @@ def test_list_task_among_100000_locks_is_fast_and_never_uses_keys(redis_server: 
     stats = client.info("commandstats")
     assert "cmdstat_keys" not in stats
     assert stats["cmdstat_scan"]["calls"] >= 100  # paged: 200,000 keys, COUNT 1000
+    # The work is bounded by the task's rows, not the keyspace: SCAN's MATCH filters on the
+    # server, and no command but SCAN runs more often than once per listed lock. (Time is
+    # printed, not asserted: it depends on the machine's load.)
+    others = {name: v["calls"] for name, v in stats.items()
+              if name not in ("cmdstat_scan", "cmdstat_config|resetstat")}
+    assert others and max(others.values()) <= wanted, others
     print(f"\nlocks list --task among 100,000 locks: {elapsed:.2f}s "
-          f"({stats['cmdstat_scan']['calls']} SCAN calls)")
-    assert elapsed < 5.0, f"took {elapsed:.2f}s"
+          f"({stats['cmdstat_scan']['calls']} SCAN calls, {others})")
 
 
 # ------------------------------------------------------------------------------------------------
