@@ -1024,7 +1024,10 @@ class Store:
 
     def no_quorum(self, errors: Sequence[str] = ()) -> str:
         """Why an operation failed for want of a quorum, for a :class:`LockBackendError`."""
-        why = f"fewer than {self.quorum} of {self.n_masters} masters answered"
+        if self.n_masters == 1:
+            why = "the lock store did not answer"
+        else:
+            why = f"fewer than {self.quorum} of {self.n_masters} masters answered"
         return f"{why} ({'; '.join(errors)})" if errors else why
 
     def holder(self, key: str) -> str | None:
