@@ -68,6 +68,8 @@ class SingletonSchedulerMixin:
         self._leader: Redlock | None = None
         self._leader_mutex = threading.Lock()
         self._standby_delay = 0.5
+        #: The entry each name was last advanced to by reserve(), for its claim.
+        self._reserved: dict[str, Any] = {}
         super().__init__(*args, **kwargs)
         self._beat_setup()  # a bad beat setting fails when beat starts, naming the setting
 
@@ -162,7 +164,10 @@ class SingletonSchedulerMixin:
         if leader is None or leader.token is None:
             return False
         previous = _timestamp(entry.last_run_at)
-        current = self.schedule.get(entry.name, entry)
+        # The advanced entry records this run's time, which the next tick sees as "previous".
+        # A scheduler whose reserve() leaves self.schedule alone (django-celery-beat's
+        # DatabaseScheduler) has it only from reserve() itself.
+        current = self._reserved.pop(entry.name, None) or self.schedule.get(entry.name, entry)
         now = _timestamp(getattr(current, "last_run_at", None)) or datetime.now(
             timezone.utc).timestamp()
         if now <= previous:
@@ -181,6 +186,11 @@ class SingletonSchedulerMixin:
             logger.info("beat: %s was already sent for this due time; syncing", entry.name)
             self._load_shared_state()
         return False
+
+    def reserve(self, entry: Any) -> Any:
+        new_entry = super().reserve(entry)  # type: ignore[misc]
+        self._reserved[entry.name] = new_entry
+        return new_entry
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True,
                     **kwargs: Any) -> Any:
