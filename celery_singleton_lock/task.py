@@ -456,9 +456,17 @@ class LockedTask(Task):
             self._stop_renewal(held)
             if held.kept:  # until_executed retry: the lock went back to the queued message
                 return
-            # The reply is read with the next batch on that connection: the release costs
-            # this task a write, not a round trip (a failed master is retried later).
-            released = lease.release(wait=False)
+            if lease.store.clock() >= lease.valid_until and not lease.lost:
+                # Not known valid any more (a pool child's lease is renewed by the main
+                # process, so: the body ran past its ttl): wait for the masters' answer, and
+                # a lock that had expired (its process stopped past its ttl) is reported lost.
+                released = lease.release()
+                if not released and not lease.lost:
+                    self._lost_at_release(held, req)
+            else:
+                # The reply is read with the next batch on that connection: the release costs
+                # this task a write, not a round trip (a failed master is retried later).
+                released = lease.release(wait=False)
             if released and events.wanted(signals.lock_released):
                 signals.lock_released.send(sender=self, lock_key=lease.key, task_id=req.id,
                                            reason=reason)
@@ -466,6 +474,17 @@ class LockedTask(Task):
             logger.exception("releasing lock %s of %s[%s] failed", lease.key, self.name, req.id)
         finally:
             req._singleton_lock = None
+
+    def _lost_at_release(self, held: _Held, req: Any) -> None:
+        """The body ended after its lock had expired: nothing renewed it in time (the process
+        was stopped past its ttl, say), and another holder may have run meanwhile."""
+        lease = held.lease
+        lease.lost = True
+        lease.lost_reason = "the lock had expired when its task ended"
+        logger.warning("task %s[%s] lost its lock %s: %s", self.name, req.id, lease.key,
+                       lease.lost_reason)
+        signals.lock_lost.send(sender=self, lock_key=lease.key, task_id=req.id,
+                               reason=lease.lost_reason)
 
     # -- enqueue --------------------------------------------------------------------------
 

@@ -286,12 +286,6 @@ def _alive(proc: psutil.Process) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True, raises=TimeoutError,
-    reason="found by the chaos run (seed 11, --faults pause_worker): a holder stopped past its "
-           "ttl whose body ends on SIGCONT, before any renewal, never reports lock_lost, though "
-           "a duplicate ran while it was stopped",
-)
 def test_holder_stopped_past_its_ttl_reports_its_lock_lost(tmp_path: Path) -> None:
     from celery import Celery
 
