@@ -173,15 +173,11 @@ class ChaosRun:
         self.running: dict[str, dict[str, Any]] = {}  # run id -> start record, not yet ended
         self.finished_tids: set[str] = set()
         self.records: list[dict[str, Any]] = []
-        self.last_record_at = time.monotonic()
 
     # -- records ---------------------------------------------------------------------------
 
     def _poll_records(self, reader: RecordReader) -> None:
-        new = reader.read_new()
-        if new:
-            self.last_record_at = time.monotonic()
-        for rec in new:
+        for rec in reader.read_new():
             self.records.append(rec)
             if rec.get("ev") == "start":
                 self.running[rec["run"]] = rec
@@ -236,6 +232,8 @@ class ChaosRun:
         if not args.out:
             stack.callback(shutil.rmtree, workdir, True)
         records_dir = workdir / "records"
+        if records_dir.exists() and any(records_dir.iterdir()):
+            raise ValueError(f"{workdir} holds the records of another run: give a new --out")
         records_dir.mkdir(exist_ok=True)
         reader = RecordReader(records_dir)
 

@@ -284,66 +284,125 @@ def _alive(proc: psutil.Process) -> bool:
 # -- what the chaos run found ---------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_holder_stopped_past_its_ttl_reports_its_lock_lost(tmp_path: Path) -> None:
-    from celery import Celery
+class Scenario:
+    """Two one-child workers of the chaos app on their own queues, a sender, and the records."""
 
-    records_dir = tmp_path / "records"
-    records_dir.mkdir()
-    reader = RecordReader(records_dir)
-    seen: list[dict[str, Any]] = []
+    def __init__(self, tmp_path: Path, lock_url: str | list[str], broker: RedisServer,
+                 ttl_s: float) -> None:
+        from celery import Celery
 
-    def record(ev: str, tid: str) -> dict[str, Any] | None:
-        seen.extend(reader.read_new())
-        return next((r for r in seen if r["ev"] == ev and r["tid"] == tid), None)
+        records_dir = tmp_path / "records"
+        records_dir.mkdir()
+        self.reader = RecordReader(records_dir)
+        self.seen: list[dict[str, Any]] = []
+        self.ttl_s = ttl_s
+        base = broker.url.rsplit("/", 1)[0]
+        conf = {"singleton_lock_ttl": ttl_s, "task_ignore_result": True,
+                "worker_prefetch_multiplier": 1}
+        env = {"CSL_TEST_CONF": json.dumps(conf), "CHAOS_RECORDS_DIR": str(records_dir)}
+        self.holder, self.other = (
+            CeleryWorker("chaos.app", f"{base}/0", f"{base}/1", lock_url, concurrency=1,
+                         queues=[queue], env=env)
+            for queue in ("first", "second"))
+        self.sender = Celery("sender", broker=f"{base}/0")
 
-    def need(predicate: Any, timeout_s: float, message: str) -> Any:
+    def __enter__(self) -> Scenario:
+        self.holder.start()
+        self.other.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.sender.close()
+        self.holder.close()
+        self.other.close()
+
+    def send(self, queue: str, size: float) -> str:
+        """A ``chaos.reject`` task on key ``k`` sleeping ``size`` seconds; its id."""
+        return str(self.sender.send_task("chaos.reject", args=["k", "sleep", size], queue=queue,
+                                          ignore_result=True).id)
+
+    def record(self, ev: str, tid: str) -> dict[str, Any] | None:
+        self.seen.extend(self.reader.read_new())
+        return next((r for r in self.seen if r["ev"] == ev and r["tid"] == tid), None)
+
+    def need(self, predicate: Any, timeout_s: float, message: str) -> Any:
         """Steps of the scenario itself fail the test outright, not as the expected failure."""
         try:
             return wait_until(predicate, timeout_s, message=message)
         except TimeoutError as exc:
             raise AssertionError(str(exc)) from None
 
-    with RedisServer() as lock_server, RedisServer() as broker_server:
-        base = broker_server.url.rsplit("/", 1)[0]
-        conf = {"singleton_lock_ttl": 1.0, "task_ignore_result": True,
-                "worker_prefetch_multiplier": 1}
-        env = {"CSL_TEST_CONF": json.dumps(conf), "CHAOS_RECORDS_DIR": str(records_dir)}
-        holder, other = (CeleryWorker("chaos.app", f"{base}/0", f"{base}/1", lock_server.url,
-                                      concurrency=1, queues=[queue], env=env)
-                         for queue in ("first", "second"))
-        sender = Celery("sender", broker=f"{base}/0")
-        locks = lock_server.client(decode_responses=True)
+    def check(self, faults: list[Fault]) -> dict[str, Any]:
+        return check(records=self.seen, sent=[], faults=faults, ttl_s=self.ttl_s)
+
+    def wait_reported(self, tid: str, faults: list[Fault]) -> None:
+        """The contract: an overlap is only allowed once the first holder (``tid``) was told
+        its lock was lost; its body has ended, so that comes with its release, within 3 s.
+        TimeoutError if not."""
+        wait_until(lambda: self.record("lost", tid), 3.0, message="lock_lost of the holder")
+        report = self.check(faults)
+        assert report["ok"], report["violations"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_holder_stopped_past_its_ttl_reports_its_lock_lost(tmp_path: Path) -> None:
+    with RedisServer() as lock_server, RedisServer() as broker, \
+            Scenario(tmp_path, lock_server.url, broker, ttl_s=1.0) as sc, \
+            lock_server.client(decode_responses=True) as locks:
+        first = sc.send("first", 0.4)
+        started = sc.need(lambda: sc.record("start", first), 30, "first body")
+        sc.holder.pause()  # its 0.4 s sleep ends while it is stopped
+        paused_at = time.time()
         try:
-            holder.start()
-            other.start()
-            first = sender.send_task("chaos.reject", args=["k", "sleep", 0.4], queue="first",
-                                     ignore_result=True).id
-            started = need(lambda: record("start", first), 30, message="first body")
-            holder.pause()  # its 0.4 s sleep ends while it is stopped
-            paused_at = time.time()
-            try:
-                need(lambda: not locks.exists(started["key"]), 5, message="lock expiry")
-                second = sender.send_task("chaos.reject", args=["k", "sleep", 0.2],
-                                          queue="second", ignore_result=True).id
-                need(lambda: record("end", second), 30, message="duplicate's body")
-            finally:
-                resumed_at = time.time()
-                holder.resume()
-            ended = need(lambda: record("end", first), 10, message="first body's end")
-            assert ended["t"] < resumed_at + 1.0, "the first body should end on SIGCONT"
-            faults = [Fault("pause_worker", holder.hostname, paused_at, resumed_at)]
-            premise = check(records=seen, sent=[], faults=faults, ttl_s=1.0)
-            overlaps = premise["overlaps"]
-            assert overlaps["allowed"] + overlaps["violations"] == 1, overlaps
-            # The contract: the first holder is told its lock was lost, so the overlap is one
-            # SPEC 5-7 allow. Bounded: a renewal would have come within ttl/3 of SIGCONT.
-            wait_until(lambda: record("lost", first), 3.0, message="lock_lost of the holder")
-            report = check(records=seen, sent=[], faults=faults, ttl_s=1.0)
-            assert report["overlaps"]["allowed"] == 1 and report["ok"], report["violations"]
+            sc.need(lambda: not locks.exists(started["key"]), 5, "lock expiry")
+            second = sc.send("second", 0.2)
+            sc.need(lambda: sc.record("end", second), 30, "duplicate's body")
         finally:
-            locks.close()
-            sender.close()
-            holder.close()
-            other.close()
+            resumed_at = time.time()
+            sc.holder.resume()
+        ended = sc.need(lambda: sc.record("end", first), 10, "first body's end")
+        assert ended["t"] < resumed_at + 1.0, "the first body should end on SIGCONT"
+        faults = [Fault("pause_worker", sc.holder.hostname, paused_at, resumed_at)]
+        overlaps = sc.check(faults)["overlaps"]
+        assert overlaps["allowed"] + overlaps["violations"] == 1, overlaps
+        sc.wait_reported(first, faults)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True, raises=TimeoutError,
+    reason="found by the chaos run (seed 99): when two masters of three come back empty at "
+           "once, a duplicate takes the lock on them; a holder whose body ends before its next "
+           "renewal never reports lock_lost, though its release found the lock held by another",
+)
+def test_holder_short_of_a_quorum_after_two_restarts_reports_its_lock_lost(
+    tmp_path: Path, redis_masters: Any
+) -> None:
+    masters = redis_masters(3)
+    # Renewals every ttl/3 = 10 s: none falls between the restarts and the end of the 3 s body.
+    ttl_s = 30.0
+    with RedisServer() as broker, \
+            Scenario(tmp_path, [m.url for m in masters], broker, ttl_s=ttl_s) as sc:
+        first = sc.send("first", 3.0)
+        started = sc.need(lambda: sc.record("start", first), 30, "first body")
+        clients = [m.client(decode_responses=True) for m in masters]
+        try:
+            sc.need(lambda: all(c.exists(started["key"]) for c in clients), 5, "the lock")
+        finally:
+            for client in clients:
+                client.close()
+        restarted_at = time.time()
+        for master in masters[:2]:  # both down before either comes back, empty
+            master.stop()
+        for master in masters[:2]:
+            master.restart()
+        second = sc.send("second", 0.2)
+        ran = sc.need(lambda: sc.record("end", second), 30, "the duplicate's body")
+        ended = sc.need(lambda: sc.record("end", first), 10, "first body's end")
+        assert ran["t"] < ended["t"], "the duplicate should run while the holder runs"
+        faults = [Fault("restart_two", "m0,m1", restarted_at, time.time())]
+        overlaps = sc.check(faults)["overlaps"]
+        assert overlaps["allowed"] + overlaps["violations"] == 1, overlaps
+        sc.wait_reported(first, faults)
