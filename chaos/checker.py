@@ -193,6 +193,7 @@ def _overlaps(
     allowed: list[dict[str, Any]] = []
     violations: list[dict[str, Any]] = []
     by_fault: Counter[str] = Counter()
+    bad_by_fault: Counter[str] = Counter()
     for key_runs in by_key.values():
         key_runs.sort(key=lambda r: r.start)
         for i, a in enumerate(key_runs):
@@ -219,14 +220,17 @@ def _overlaps(
                 paused = _paused_during(faults, first)
                 if paused is not None:
                     finding["first_paused"] = paused
+                kinds = sorted({f.split(":", 1)[0] for f in faults_seen}) or ["none"]
                 if reported is not None:
                     allowed.append(finding)
-                    by_fault.update(faults_seen or ["none"])
+                    by_fault.update(kinds)
                 else:
                     violations.append(finding)
+                    bad_by_fault.update(kinds)
     return {
         "allowed": len(allowed), "violations": len(violations),
         "allowed_during": dict(sorted(by_fault.items())),
+        "violations_during": dict(sorted(bad_by_fault.items())),
         "allowed_examples": allowed[:EXAMPLES], "violation_details": violations,
     }
 

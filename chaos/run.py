@@ -456,6 +456,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         f"overlapping bodies: {ov['allowed']} allowed (holder's lock lost and reported), "
         f"{ov['violations']} not allowed",
+        f"  allowed during: {_counts(ov['allowed_during'])}; "
+        f"not allowed during: {_counts(ov.get('violations_during', {}))}",
         f"fencing tokens: {fe['pairs_checked']} successive pairs, {fe['allowed']} lower after a "
         f"reported loss, {fe['violations']} did not grow",
         f"requeue + acks_late: {rq['sent']} sent, {rq['ran_once']} ran to the end once "
@@ -475,6 +477,10 @@ def format_report(report: dict[str, Any]) -> str:
         broken = ", ".join(f"{k} {n}" for k, n in v.items() if n)
         lines.append(f"VIOLATIONS: {report['violation_count']} ({broken})")
     return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {n}" for k, n in counts.items()) or "-"
 
 
 def _clock(t: float) -> str:
