@@ -346,8 +346,12 @@ def test_renewal_puts_nothing_back_when_two_masters_lost_the_lock_at_once(
     called = threading.Event()
     held = backend.lock(name, ttl=0.9, renew=True, on_lost=lambda lease: called.set())
     assert held.acquire(blocking=False)
-    backend.target.servers[0].restart()
-    backend.target.servers[1].restart()
+    # Both down together, then both back empty: no renewal can run between the two (restarting
+    # them one after the other would let a renewal put the lock back on the first).
+    backend.target.servers[0].stop()
+    backend.target.servers[1].stop()
+    backend.target.servers[0].heal()
+    backend.target.servers[1].heal()
     assert called.wait(3.0), "on_lost was not called"
     assert held.lease is not None and held.lease.lost
     assert backend.tokens(held.key)[:2] == [None, None]
