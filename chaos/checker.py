@@ -21,7 +21,8 @@ the contract (SPEC sections 5-7):
 * **Outlive**: how long each lock stayed held (on a quorum, as sampled from the masters) after
   its holder's body ended or its process was killed, until it was seen free or the next holder
   started. More than ``lock_ttl`` plus a tolerance is a violation: a dead holder's lock must
-  expire within ``lock_ttl`` (SPEC 6).
+  expire within ``lock_ttl`` (SPEC 6). A lock whose masters stopped answering before it was
+  seen free (a paused or restarting master) gives no figure: it is counted as unobserved.
 """
 
 from __future__ import annotations
@@ -309,23 +310,25 @@ def _requeue(
     }
 
 
-def _held_after(
-    transitions: Sequence[tuple[float, bool]], t: float
-) -> tuple[bool, float | None]:
-    """(whether the key was held at ``t``, the first time after ``t`` it was seen free)."""
+def _first_change(
+    transitions: Sequence[tuple[float, bool | None]], t: float
+) -> tuple[float | None, bool | None]:
+    """The first time at or after ``t`` the key was not seen held, and what was seen then
+    (False: free; None: the masters could not tell). ``(t, False)`` if it was not held at ``t``;
+    ``(None, None)`` if it stayed held to the end of the samples."""
     times = [tt for tt, _ in transitions]
     i = bisect.bisect_right(times, t)
     held = transitions[i - 1][1] if i else False
-    if not held:
-        return False, t
+    if held is not True:
+        return t, held
     for tt, state in transitions[i:]:
-        if not state:
-            return True, tt
-    return True, None
+        if state is not True:
+            return tt, state
+    return None, None
 
 
 def _outlive(
-    runs: Sequence[Run], presence: Mapping[str, Sequence[tuple[float, bool]]],
+    runs: Sequence[Run], presence: Mapping[str, Sequence[tuple[float, bool | None]]],
     ttl_s: float, tolerance_s: float, watched_until: float | None,
 ) -> dict[str, Any]:
     starts: dict[str, list[float]] = defaultdict(list)
@@ -338,7 +341,7 @@ def _outlive(
         times.sort()
     longest: dict[str, Any] | None = None
     over: list[dict[str, Any]] = []
-    measured = 0
+    measured = unobserved = 0
     for run in runs:
         stop = run.stop
         if run.key is None or stop is None or run.key not in presence:
@@ -346,11 +349,15 @@ def _outlive(
         if any(other is not run and other.start <= stop and (other.stop or float("inf")) > stop
                for other in by_key[run.key]):
             continue  # another body of this key still ran: the lock seen then was not only ours
-        _, free_at = _held_after(presence[run.key], stop)
+        changed_at, seen = _first_change(presence[run.key], stop)
         key_starts = starts[run.key]
         i = bisect.bisect_right(key_starts, stop)
         next_start = key_starts[i] if i < len(key_starts) else None
-        ends = [t for t in (free_at, next_start) if t is not None]
+        if changed_at is not None and seen is None and (next_start is None
+                                                        or changed_at < next_start):
+            unobserved += 1  # its masters stopped answering (paused, restarting): no figure
+            continue
+        ends = [t for t in (changed_at, next_start) if t is not None]
         if not ends:
             if watched_until is None:
                 continue
@@ -364,7 +371,8 @@ def _outlive(
         if outlived > ttl_s + tolerance_s:
             over.append(entry)
     return {
-        "measured": measured, "max_s": longest["outlived_s"] if longest else 0.0,
+        "measured": measured, "unobserved": unobserved,
+        "max_s": longest["outlived_s"] if longest else 0.0,
         "longest": longest, "bound_s": round(ttl_s + tolerance_s, 3),
         "violations": len(over), "violation_details": over,
     }
@@ -376,7 +384,7 @@ def check(
     sent: Sequence[Sent],
     faults: Sequence[Fault],
     ttl_s: float,
-    presence: Mapping[str, Sequence[tuple[float, bool]]] | None = None,
+    presence: Mapping[str, Sequence[tuple[float, bool | None]]] | None = None,
     locks_left: Mapping[str, int] | None = None,
     outlive_tolerance_s: float = 2.0,
     watched_until: float | None = None,
@@ -385,7 +393,7 @@ def check(
     contract (the run fails when it is not 0).
 
     ``presence`` is, per lock key, the sampled ``(time, held)`` transitions (held: on a
-    quorum); ``locks_left`` maps each lock key still found after the run to how many masters
+    quorum; None: the masters that answered could not tell); ``locks_left`` maps each lock key still found after the run to how many masters
     hold it.
     """
     runs = build_runs(records, faults)

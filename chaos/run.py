@@ -120,11 +120,11 @@ class Monitor(threading.Thread):
         super().__init__(name="chaos-monitor", daemon=True)
         self.store = store
         self.keys = keys
-        #: key -> [(time, held)] at each change of state.
-        self.transitions: dict[str, list[tuple[float, bool]]] = defaultdict(list)
+        #: key -> [(time, held)] at each change of state (held None: the masters could not tell).
+        self.transitions: dict[str, list[tuple[float, bool | None]]] = defaultdict(list)
         self.samples = 0
         self._halt = threading.Event()
-        self._last: dict[str, bool] = {}
+        self._last: dict[str, bool | None] = {}
 
     def run(self) -> None:
         while not self._halt.wait(SAMPLE_INTERVAL_S):
@@ -132,7 +132,7 @@ class Monitor(threading.Thread):
             seen = time.time()  # after the sample: a key seen free was free by then
             self.samples += 1
             for key, state in states.items():
-                if state is not None and state != self._last.get(key, False):
+                if state != self._last.get(key, False):
                     self.transitions[key].append((seen, state))
                     self._last[key] = state
 
@@ -412,7 +412,7 @@ class ChaosRun:
 def assemble(meta: dict[str, Any], records: list[dict[str, Any]], sent: list[Sent],
              faults: list[Fault], observed: dict[str, Any]) -> dict[str, Any]:
     """The report: the run's figures, then the checker's findings, then the fault log."""
-    presence = {key: [(float(t), bool(held)) for t, held in changes]
+    presence = {key: [(float(t), None if held is None else bool(held)) for t, held in changes]
                 for key, changes in observed["presence"].items()}
     findings = check(records=records, sent=sent, faults=faults, ttl_s=meta["lock_ttl_s"],
                      presence=presence, locks_left=observed["locks_left"],
@@ -467,8 +467,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"bodies never finished: {len(report['unfinished'])}; "
         f"bodies without a lock: {len(report['unlocked_runs'])}",
         f"locks still held after the run: {len(report['locks_left'])}",
-        f"longest a lock outlived its holder: {out['max_s']:.2f} s "
-        f"({out['measured']} measured; bound {out['bound_s']} s, {out['violations']} over)",
+        f"longest a lock outlived its holder: {out['max_s']:.2f} s ({out['measured']} "
+        f"measured, {out.get('unobserved', 0)} unobserved; bound {out['bound_s']} s, "
+        f"{out['violations']} over)",
     ]
     lines += _violation_lines(report)
     if report["ok"]:

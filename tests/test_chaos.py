@@ -154,6 +154,14 @@ def test_checker_reports_locks_left_and_locks_outliving_their_holder() -> None:
     assert taken["outlive"]["max_s"] == pytest.approx(0.5)
 
 
+def test_checker_gives_no_outlive_figure_while_the_masters_cannot_tell() -> None:
+    records = [start("a", 10.0, 1), end("a", 11.0)]
+    # The only master was paused from 11.1 s to 19 s: no one could see the lock go.
+    report = run_check(records, presence={KEY: [(10.1, True), (11.1, None), (19.0, False)]})
+    assert report["outlive"]["unobserved"] == 1 and report["outlive"]["measured"] == 0
+    assert report["ok"] is True
+
+
 def test_checker_does_not_blame_a_holder_for_a_lock_another_body_still_holds() -> None:
     # a overlapped b (reported); when a ended at 11 s, the key seen until 19 s was b's.
     records = [start("b", 9.0, 1, pid=200), start("a", 10.0, 2), end("a", 11.0),
