@@ -249,7 +249,7 @@ def _fencing(
     pairs = 0
     for key, key_runs in by_key.items():
         ordered = sorted((r for r in key_runs if r.fence is not None), key=lambda r: r.start)
-        for prev, cur in zip(ordered, ordered[1:]):
+        for prev, cur in zip(ordered, ordered[1:], strict=False):
             pairs += 1
             assert prev.fence is not None and cur.fence is not None
             if cur.fence > prev.fence:
@@ -292,7 +292,7 @@ def _requeue(
         # A second run is Celery's at-least-once delivery when the process that finished the
         # first was killed before the next began (its acknowledgement never went out).
         explained = True
-        for done, again in zip(completed, completed[1:]):
+        for done, again in zip(completed, completed[1:], strict=False):
             kill = _kill_after(kills, done.pid, done.end or done.start)
             if kill is None or kill > again.start:
                 explained = False
@@ -393,8 +393,8 @@ def check(
     contract (the run fails when it is not 0).
 
     ``presence`` is, per lock key, the sampled ``(time, held)`` transitions (held: on a
-    quorum; None: the masters that answered could not tell); ``locks_left`` maps each lock key still found after the run to how many masters
-    hold it.
+    quorum; None: the masters that answered could not tell); ``locks_left`` maps each lock
+    key still found after the run to how many masters hold it.
     """
     runs = build_runs(records, faults)
     lost = _lost_index(records)

@@ -369,15 +369,14 @@ class ChaosRun:
         end, and no body runs; bounded by a killed worker's redelivery delay and a margin."""
         requeue = {s.tid for s in self.sent if s.policy == "requeue"}
         bound_s = VISIBILITY_TIMEOUT_S + 30 + 4 * self.ttl_s
-        calm: list[int] = []
+        calm: list[bool] = []
 
         def drained() -> bool:
             self._poll_records(reader)
             self._forget_killed(faults)
             waiting = broker.llen("celery") + broker.hlen(UNACKED_KEY)
-            idle = not self.running and waiting == 0 and requeue <= self.finished_tids
-            calm.append(int(idle))
-            return len(calm) >= 2 and calm[-1] and calm[-2]
+            calm.append(not self.running and waiting == 0 and requeue <= self.finished_tids)
+            return calm[-2:] == [True, True]  # idle at two polls in a row
 
         started = time.monotonic()
         try:

@@ -71,7 +71,7 @@ class LockStore:
             for index in self.placement(key):
                 wanted[index].append(key)
         answers: list[dict[str, bool] | None] = []
-        for client, server_keys in zip(self._clients, wanted):
+        for client, server_keys in zip(self._clients, wanted, strict=True):
             if not server_keys:
                 answers.append({})
                 continue
@@ -79,7 +79,8 @@ class LockStore:
                 pipe = client.pipeline(transaction=False)
                 for key in server_keys:
                     pipe.exists(key)
-                answers.append({k: bool(v) for k, v in zip(server_keys, pipe.execute())})
+                replies = pipe.execute()
+                answers.append({k: bool(v) for k, v in zip(server_keys, replies, strict=True)})
             except redis.RedisError:
                 answers.append(None)
         out: dict[str, bool | None] = {}

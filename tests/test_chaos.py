@@ -21,7 +21,7 @@ import redis
 
 from chaos.checker import Fault, Sent, check
 from chaos.proxy import ProxyProcess
-from chaos.records import RecordReader, Recorder
+from chaos.records import Recorder, RecordReader
 from chaos.run import recheck
 from tests.servers import RedisServer, no_retry, wait_until
 from tests.workers import REPO_ROOT, CeleryWorker
