@@ -398,6 +398,8 @@ _MODE_LOCKS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("enqueue", "", "taken at enqueue, released when a worker starts the task"),
         ("execution", ":run", "taken when a worker starts the task, released when it ends"),
     ),
+    "until_expired": (
+        ("lock", "", "taken at enqueue, never released: it lapses lock_ttl after it was taken"),),
 }
 
 

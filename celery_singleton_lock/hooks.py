@@ -206,7 +206,9 @@ def release_enqueue_lock(request: Any, sender: Any) -> None:
 
     name = getattr(request, "name", None) or getattr(request, "task", None) or ""
     task = sender if isinstance(sender, LockedTask) else _task(name)
-    if not isinstance(task, LockedTask) or task.lock_options.mode == "while_executing":
+    # until_expired: the lock is a throttle window that lapses on its own, revoked or not.
+    if not isinstance(task, LockedTask) or task.lock_options.mode in ("while_executing",
+                                                                      "until_expired"):
         return
     # task_revoked sends the task's Context, whose attributes are the message headers; a
     # worker Request keeps them in request_dict.

@@ -32,7 +32,8 @@ __all__ = [
     "resolve_store_url",
 ]
 
-MODES = ("while_executing", "until_executing", "until_executed", "until_and_while_executing")
+MODES = ("while_executing", "until_executing", "until_executed", "until_and_while_executing",
+         "until_expired")
 ON_DUPLICATE = ("reject", "requeue", "wait")
 ON_BACKEND_ERROR = ("requeue", "run", "fail")
 ON_LOST = ("warn", "abort")

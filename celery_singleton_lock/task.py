@@ -110,7 +110,7 @@ class LockedTask(Task):
     #: Seconds a lock lives without renewal (renewed every ttl/3 while the body runs).
     lock_ttl: float | None = None
     #: ``while_executing`` (default), ``until_executing``, ``until_executed``,
-    #: ``until_and_while_executing``.
+    #: ``until_and_while_executing``, ``until_expired``.
     lock_mode: str | None = None
     #: ``reject``, ``requeue`` or ``wait``.
     lock_on_duplicate: str | None = None
@@ -211,6 +211,9 @@ class LockedTask(Task):
         opts = self.lock_options
         key = self.lock_key_for(*args, **kwargs)
         mode = opts.mode
+        if mode == "until_expired":
+            self._arrive_in_window(key, opts, req, args, kwargs)
+            return self.run(*args, **kwargs)
         if mode in ("until_executing", "until_and_while_executing"):
             self._arrive(key, opts, req, args, kwargs)
             if mode == "until_executing":
@@ -254,6 +257,26 @@ class LockedTask(Task):
             return
         if holder is not None and holder != req.id:
             self._duplicate(key, holder, opts, req, args, kwargs)
+
+    def _arrive_in_window(
+        self, key: str, opts: LockOptions, req: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """until_expired: a message enqueued with the window's lock runs; one without it (sent
+        with ``send_task``, say) opens a window of its own, or is a duplicate of the task that
+        holds it. The window's lock is never released: it lapses ``lock_ttl`` after it was
+        taken."""
+        if _header(req, TOKEN_HEADER):
+            return
+        store = self.lock_store
+        fixed = self._fixed_metadata(opts, req.hostname or _HOSTNAME)
+        try:
+            lease, result = try_acquire(store, key, opts.ttl, fixed, owner=req.id,
+                                        task_name=self.name, metadata=(("owner", req.id),))
+        except LockBackendError as exc:
+            self._backend_error(exc, key, opts, req, args, kwargs)
+            return
+        if lease is None and result.holder != req.id:  # its own id: an earlier delivery
+            self._duplicate(key, result.holder, opts, req, args, kwargs)
 
     def _take_over(self, key: str, opts: LockOptions, req: Any) -> Lease | None:
         """until_executed: turn the enqueue lock this message carries into the running lock."""
@@ -517,7 +540,8 @@ class LockedTask(Task):
         task_id = options.get("task_id") or uuid()
         options["task_id"] = task_id
         store = self.lock_store
-        ttl = opts.queued_ttl + _delay_s(options)
+        # until_expired: a throttle window of lock_ttl from now, whenever the task runs.
+        ttl = opts.ttl if opts.mode == "until_expired" else opts.queued_ttl + _delay_s(options)
         # The queued lock is not renewed and has no handle here: the store's acquire round
         # (the one Redlock makes) with the token that travels in the message.
         token = new_token()

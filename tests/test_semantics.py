@@ -1,0 +1,141 @@
+"""Throttle windows (``lock_mode="until_expired"``, SPEC 4) with real prefork workers and a real
+lock ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery.signals import after_task_publish
+
+from celery_singleton_lock import DuplicateTaskError
+from tests.apps import semantics
+from tests.workers import CeleryWorker, TaskEnv, open_task_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[TaskEnv]:
+    with open_task_env("tests.apps.semantics", semantics.app) as task_env:
+        yield task_env
+
+
+@pytest.fixture(autouse=True)
+def _worker_logs_on_failure(request: pytest.FixtureRequest, env: TaskEnv) -> Iterator[None]:
+    yield from env.logs_on_failure(request)
+
+
+@pytest.fixture(scope="module")
+def worker(env: TaskEnv) -> Iterator[CeleryWorker]:
+    worker = env.worker(pool="prefork", concurrency=2)
+    try:
+        yield worker.start()
+    finally:
+        env.stop_workers([worker])
+
+
+@pytest.fixture
+def published() -> Iterator[list[str]]:
+    """The ids of the messages this process publishes during the test."""
+    ids: list[str] = []
+    guard = threading.Lock()
+
+    def count(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        with guard:
+            ids.append(str((headers or {}).get("id")))
+
+    after_task_publish.connect(count, weak=False)
+    try:
+        yield ids
+    finally:
+        after_task_publish.disconnect(count)
+
+
+def _slot() -> str:
+    return f"s-{uuid.uuid4().hex}"
+
+
+def _runs(env: TaskEnv, slot: str) -> list[dict[str, Any]]:
+    return [json.loads(r) for r in env.records.lrange(f"{slot}:runs", 0, -1)]
+
+
+# -- until_expired: a throttle window ---------------------------------------------------------
+
+
+def test_until_expired_publishes_one_task_per_window_and_the_next_after_it(
+    env: TaskEnv, worker: CeleryWorker, published: list[str]
+) -> None:
+    slot = _slot()
+    key = semantics.window.lock_key_for(slot)
+    opened = time.monotonic()
+    results = [semantics.window.delay(slot) for _ in range(5)]
+    first = results[0]
+    assert {r.id for r in results} == {first.id}
+    assert published == [first.id]
+    ttl_ms = env.lock_client.pttl(key)
+    assert semantics.WINDOW_S * 1000 - 1000 < ttl_ms <= semantics.WINDOW_S * 1000
+
+    assert first.get(timeout=10) == first.id
+    ended = time.monotonic() - opened
+    assert ended < semantics.WINDOW_S - 1, "the task did not end well inside its window"
+    # The task ended early: the window stays, and so does its holder.
+    assert env.lock_client.hget(key, "owner") == first.id
+    assert semantics.window.delay(slot).id == first.id
+    assert published == [first.id]
+
+    env.wait(lambda: not env.lock_client.exists(key), semantics.WINDOW_S + 2,
+             "the window to lapse")
+    lapsed = time.monotonic() - opened
+    assert lapsed >= semantics.WINDOW_S - 0.1, "the window lapsed before its lock_ttl"
+    after = semantics.window.delay(slot)
+    assert after.id != first.id
+    assert published == [first.id, after.id]
+    assert after.get(timeout=10) == after.id
+    assert [run["id"] for run in _runs(env, slot)] == [first.id, after.id]
+    assert all(run["key"] is None for run in _runs(env, slot)), "no lock handle in the body"
+
+
+def test_until_expired_window_survives_the_revoke_of_its_waiting_task(
+    env: TaskEnv, worker: CeleryWorker
+) -> None:
+    slot = _slot()
+    key = semantics.window.lock_key_for(slot)
+    waiting = semantics.window.apply_async((slot,), countdown=60)
+    inspect = semantics.app.control.inspect(destination=[worker.hostname], timeout=1.0)
+
+    def scheduled() -> bool:
+        answer = inspect.scheduled() or {}
+        return any(entry["request"]["id"] == waiting.id
+                   for entries in answer.values() for entry in entries)
+
+    env.wait(scheduled, 10, "the countdown task in the worker's timer", interval_s=0.2)
+    replies = semantics.app.control.revoke(waiting.id, destination=[worker.hostname],
+                                           reply=True, timeout=5.0)
+    assert replies, "the worker did not answer the revoke"
+    assert env.lock_client.hget(key, "owner") == waiting.id
+    assert semantics.window.delay(slot).id == waiting.id
+    assert _runs(env, slot) == []
+
+
+def test_until_expired_task_sent_without_its_lock_opens_a_window_or_is_a_duplicate(
+    env: TaskEnv, worker: CeleryWorker
+) -> None:
+    slot = _slot()
+    key = semantics.window.lock_key_for(slot)
+    sent = [semantics.app.send_task("semantics.window", args=(slot, 0.3)) for _ in range(2)]
+    states = env.wait_ready([r.id for r in sent], 15)
+    assert sorted(states) == ["REVOKED", "SUCCESS"]
+    ran, duplicate = sent if states[0] == "SUCCESS" else sent[::-1]
+    assert isinstance(duplicate.result, DuplicateTaskError)
+    assert duplicate.result.holder_id == ran.id
+    assert [run["id"] for run in _runs(env, slot)] == [ran.id]
+    assert env.lock_client.hget(key, "owner") == ran.id
+    assert env.lock_client.pttl(key) > 0
+
