@@ -143,11 +143,13 @@ class Lease:
             self.mark_lost("extend found the lock gone or held by another")
         return False
 
-    def release(self, *, wait: bool = True) -> bool:
+    def release(self, *, wait: bool = True,
+                on_lost: Callable[[], None] | None = None) -> bool:
         """Compare-and-delete on every master. False if the lock was no longer ours.
 
         With ``wait=False`` the release is sent without waiting for the masters' replies
-        (:meth:`Store.release_later`), and the answer is whether the lock was believed held.
+        (:meth:`Store.release_later`), and the answer is whether the lock was believed held;
+        ``on_lost()`` is called when the replies show it had been taken by another.
         """
         with self._lock:
             if self.released:
@@ -158,7 +160,8 @@ class Lease:
 
             get_renewer().remove(self)
         if not wait:
-            self.store.release_later(self.key, self.token, deadline=self.valid_until + 1.0)
+            self.store.release_later(self.key, self.token, deadline=self.valid_until + 1.0,
+                                     on_lost=on_lost)
             return not self.lost
         released = self.store.release(self.key, self.token, deadline=self.valid_until + 1.0)
         return released >= self.store.quorum and not self.lost

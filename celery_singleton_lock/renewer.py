@@ -12,7 +12,9 @@ callbacks: the thread never dies silently (every error is logged and the loop go
 never extends a lock it does not own (the Lua compare-and-pexpire checks the token).
 
 The thread also retries releases that failed on some master (``Store.retry_cleanup``), so a
-master that was down during a release does not keep the key until its ttl.
+master that was down during a release does not keep the key until its ttl, and reads the
+replies of releases that were posted without waiting (``Store.settle``) when no later batch
+read them within a second, so a release that finds the lock taken by another is reported.
 """
 
 from __future__ import annotations
@@ -80,6 +82,17 @@ class Renewer:
             self._ensure_thread()
             self._cond.notify()
 
+    def watch_settle(self, store: Store) -> None:
+        """Have this thread read ``store``'s posted replies at its next wake-up (within
+        :data:`IDLE_WAKE_S`), if no batch on those connections reads them first. Wakes
+        nothing: a release must not cost a thread switch."""
+        if id(store) in self._cleanup_stores and self._thread is not None \
+                and self._thread.is_alive():
+            return
+        with self._cond:
+            self._cleanup_stores[id(store)] = store
+            self._ensure_thread()
+
     def leases(self) -> list[Lease]:
         with self._cond:
             return list(self._leases.values())
@@ -134,6 +147,8 @@ class Renewer:
                 for store in stores:
                     if store._cleanup:
                         store.retry_cleanup()
+                    if store.owes_replies():
+                        store.settle()
             except Exception:  # never die: log and go on with the next round
                 logger.exception("lock renewal round failed")
 

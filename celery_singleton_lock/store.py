@@ -487,6 +487,9 @@ class RedisNode:
         conn.owed.append((n_replies, done))
         self.put(conn)
 
+    def owes_replies(self) -> bool:
+        return any(c.owed for c in list(self._idle))
+
     def settle(self) -> None:
         """Read every reply owed to posted batches (each connection's are already there or
         on their way)."""
@@ -675,6 +678,57 @@ def channel_for(key: str) -> str:
 def fence_key_for(key: str) -> str:
     """The fencing counter of ``key``; it shares the key's hash tag, so one cluster slot."""
     return f"{key}:fence"
+
+
+class _PostedRelease:
+    """The replies of one posted release, judged when every master has answered."""
+
+    __slots__ = ("store", "key", "token", "deadline", "on_lost", "waiting", "released",
+                 "not_owned", "failed")
+
+    def __init__(self, store: Store, key: str, token: str, deadline: float | None,
+                 on_lost: Callable[[], None] | None) -> None:
+        self.store, self.key, self.token, self.deadline = store, key, token, deadline
+        self.on_lost = on_lost
+        self.waiting = len(store.nodes)
+        self.released = self.not_owned = 0
+        #: Masters whose reply was an error (a connection broken by a restart, say).
+        self.failed: list[int] = []
+
+    def answer(self, index: int, replies: Replies) -> None:
+        self._count(index, replies[0])
+        self.waiting -= 1
+        if not self.waiting:
+            self._judge()
+
+    def _count(self, index: int, reply: Any) -> None:
+        if isinstance(reply, BaseException):
+            self.failed.append(index)
+        elif _as_int(reply) == 1:
+            self.released += 1
+        else:
+            self.not_owned += 1
+
+    def _judge(self) -> None:
+        store = self.store
+        if self.failed:
+            # Once more at once, on fresh connections: a master restarted empty (whose old
+            # connection broke) may hold another's lock now, which decides whether ours was lost.
+            failed, self.failed = self.failed, []
+            call = Call.run("release", (self.key,), (self.token, ""))
+            replies = store.fanout([call], nodes=failed)
+            for i in failed:
+                self._count(i, replies[i][0])
+            if self.failed:
+                store._retry_later(self.key, self.token, self.deadline)
+        if self.released < store.quorum and self.not_owned:
+            logger.info("lock %s was no longer held when its task released it", self.key)
+        if self.on_lost is not None and \
+                judge_owned(self.released, self.not_owned, len(store.nodes)) is False:
+            try:
+                self.on_lost()
+            except Exception:
+                logger.exception("lock-lost callback failed for %s", self.key)
 
 
 class Store:
@@ -892,34 +946,34 @@ class Store:
                 self._cleanup.append((key, token, deadline))
             get_renewer().watch_cleanup(self)
 
-    def release_later(self, key: str, token: str, *, deadline: float | None = None) -> None:
+    def release_later(self, key: str, token: str, *, deadline: float | None = None,
+                      on_lost: Callable[[], None] | None = None) -> None:
         """Send the compare-and-delete to every master without waiting for the replies.
 
         The masters run it as soon as it arrives; the replies are read with the connection's
-        next batch (a task's release costs a write, not a round trip). A master that failed is
-        retried in the background until ``deadline``, as with :meth:`release`. Nodes that
-        cannot post (a cluster, the memory store) release at once.
+        next batch, or by the renewal thread within about a second (a task's release costs a
+        write, not a round trip). A master that failed is retried in the background until
+        ``deadline``, as with :meth:`release`. Nodes that cannot post (a cluster, the memory
+        store) release at once. ``on_lost()`` runs once the replies show that the lock was no
+        longer ours on enough masters for a quorum (another holder took it meanwhile).
         """
         channel = channel_for(key) if self.notify else ""
         packed = _RELEASE_EVAL_HEAD + _pack_args((key, token, channel))
-        done = None
+        posted = _PostedRelease(self, key, token, deadline, on_lost)
         for i, node in enumerate(self.nodes):
             post = getattr(node, "post", None)
             if post is None:
-                self.release(key, token, nodes=[i], deadline=deadline)
+                posted.answer(i, self.fanout([Call.run("release", (key,), (token, channel))],
+                                             nodes=[i])[i])
                 continue
-            if done is None:
-                done = functools.partial(self._released_later, key, token, deadline)
-            post(packed, 1, done)
+            post(packed, 1, functools.partial(posted.answer, i))
+        if posted.waiting:
+            get_renewer().watch_settle(self)
 
-    def _released_later(self, key: str, token: str, deadline: float | None,
-                        replies: Replies) -> None:
-        reply = replies[0]
-        if not isinstance(reply, BaseException):
-            if _as_int(reply) != 1:
-                logger.info("lock %s was no longer held when its task released it", key)
-            return
-        self._retry_later(key, token, deadline)
+    def owes_replies(self) -> bool:
+        """Whether releases posted with :meth:`release_later` wait for their replies."""
+        return any(owes() for owes in (getattr(n, "owes_replies", None) for n in self.nodes)
+                   if owes is not None)
 
     def settle(self) -> None:
         """Read the replies of releases sent with :meth:`release_later`."""

@@ -485,11 +485,15 @@ class LockedTask(Task):
                 # a lock that had expired (its process stopped past its ttl) is reported lost.
                 released = lease.release()
                 if not released and not lease.lost:
-                    self._lost_at_release(held, req)
+                    self._lost_at_release(lease, req.id)
             else:
                 # The reply is read with the next batch on that connection: the release costs
-                # this task a write, not a round trip (a failed master is retried later).
-                released = lease.release(wait=False)
+                # this task a write, not a round trip (a failed master is retried later). A
+                # reply showing the lock taken by another (two masters restarted empty at once)
+                # reports it lost then.
+                task_id = req.id
+                released = lease.release(
+                    wait=False, on_lost=lambda: self._lost_at_release(lease, task_id))
             if released and events.wanted(signals.lock_released):
                 signals.lock_released.send(sender=self, lock_key=lease.key, task_id=req.id,
                                            reason=reason)
@@ -498,15 +502,15 @@ class LockedTask(Task):
         finally:
             req._singleton_lock = None
 
-    def _lost_at_release(self, held: _Held, req: Any) -> None:
-        """The body ended after its lock had expired: nothing renewed it in time (the process
-        was stopped past its ttl, say), and another holder may have run meanwhile."""
-        lease = held.lease
+    def _lost_at_release(self, lease: Lease, task_id: str) -> None:
+        """The body's release found its lock gone or taken by another: it expired (nothing
+        renewed it in time: the process was stopped past its ttl, say), or masters restarted
+        empty let another take it. Another holder may have run meanwhile."""
         lease.lost = True
-        lease.lost_reason = "the lock had expired when its task ended"
-        logger.warning("task %s[%s] lost its lock %s: %s", self.name, req.id, lease.key,
+        lease.lost_reason = "the lock was no longer held when its task ended"
+        logger.warning("task %s[%s] lost its lock %s: %s", self.name, task_id, lease.key,
                        lease.lost_reason)
-        signals.lock_lost.send(sender=self, lock_key=lease.key, task_id=req.id,
+        signals.lock_lost.send(sender=self, lock_key=lease.key, task_id=task_id,
                                reason=lease.lost_reason)
 
     # -- enqueue --------------------------------------------------------------------------

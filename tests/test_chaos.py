@@ -379,12 +379,6 @@ def test_holder_stopped_past_its_ttl_reports_its_lock_lost(tmp_path: Path) -> No
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True, raises=TimeoutError,
-    reason="found by the chaos run (seed 99): when two masters of three come back empty at "
-           "once, a duplicate takes the lock on them; a holder whose body ends before its next "
-           "renewal never reports lock_lost, though its release found the lock held by another",
-)
 def test_holder_short_of_a_quorum_after_two_restarts_reports_its_lock_lost(
     tmp_path: Path, redis_masters: Any
 ) -> None:
