@@ -11,7 +11,8 @@ with ``COUNT``:
 
 A lock is a hash (``token``, ``owner``, ``task``, ``hostname``, ``pid``, ``mode``,
 ``acquired_at``, ``ttl``, ``renewals``) whose ``PTTL`` is the time it has left. Beside it, the
-``<key>:fence`` string is a fencing counter, not a lock: ``TYPE hash`` skips it.
+``<key>:fence`` string is a fencing counter, not a lock: ``TYPE hash`` skips it. A lock with
+``lock_limit`` has one hash per holder, ``<key>:slot:<i>``: each is listed and counted.
 
 ``--task`` filtering is a ``MATCH`` on the task name shown in the key
 (``prefix:<shown name>:{digest}``), so a filtered listing only reads the locks of that task
@@ -35,7 +36,7 @@ from redis.exceptions import RedisError
 
 from .errors import LockBackendError
 from .keys import format_key
-from .store import Call, Store, _text, channel_for, fence_key_for
+from .store import Call, Store, _text, channel_for, fence_key_for, slot_base
 from .urls import redact_url
 
 __all__ = [
@@ -80,11 +81,12 @@ def key_pattern(prefix: str, task: str | None = None) -> str:
 
 
 def task_of_key(prefix: str, key: str) -> str:
-    """The task name shown in a task lock key; ``""`` for a standalone lock (``csl:{name}``)."""
+    """The task name shown in a task lock key, or in one of its slot keys (``lock_limit``);
+    ``""`` for a standalone lock (``csl:{name}``)."""
     head = prefix + ":"
     if not key.startswith(head):
         return ""
-    rest = key[len(head):]
+    rest = slot_base(key[len(head):])
     cut = rest.rfind(":{")
     if cut <= 0 or not rest.endswith("}"):
         return ""

@@ -37,17 +37,23 @@ def try_acquire(
     owner: str = "",
     task_name: str = "",
     metadata: Sequence[tuple[str, Any]] = (),
+    limit: int = 1,
 ) -> tuple[Lease | None, AcquireResult]:
     """One acquire round with a new token: ``(lease, result)``, the lease None if not taken.
 
-    ``fixed`` and ``metadata`` go into the lock hash with the acquisition time. Raises
+    ``fixed`` and ``metadata`` go into the lock hash with the acquisition time. With
+    ``limit`` > 1, one of that many slots is taken, and the lease's key is the slot's. Raises
     :class:`LockBackendError` when too few masters answered for a quorum.
     """
     token = new_token()
     now = time.time()
-    result = store.acquire(key, token, ttl_s, [*metadata, ("acquired_at", f"{now:.6f}")], fixed)
+    meta = [*metadata, ("acquired_at", f"{now:.6f}")]
+    if limit > 1:
+        result = store.acquire_slot(key, token, ttl_s, limit, meta, fixed)
+    else:
+        result = store.acquire(key, token, ttl_s, meta, fixed)
     if result.acquired:
-        lease = Lease(store, key, token, ttl_s, fencing_token=result.fence,
+        lease = Lease(store, result.key or key, token, ttl_s, fencing_token=result.fence,
                       started=result.started, validity_s=result.validity_s, acquired_at=now,
                       owner=owner, task_name=task_name)
         return lease, result

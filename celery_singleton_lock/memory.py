@@ -135,6 +135,25 @@ class MemoryNode:
         self._set(key, {"token": token, **meta}, ttl_ms)
         return [1, fence]
 
+    def _acquire_slot(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        fence_key, slots = keys[0], keys[1:]
+        token = str(args[0])
+        free = None
+        owner, least = "", -1
+        for i, slot in enumerate(slots):
+            held = self._get(slot)
+            if held is not None and held["token"] == token:
+                self._pexpire(slot, int(args[1]))
+                return [1, int(self._get(fence_key) or 0), i]
+            if held is None:
+                free = i if free is None else free
+            elif least < 0 or self.pttl_ms(slot) < least:
+                least, owner = self.pttl_ms(slot), held.get("owner", "")
+        if free is None:
+            return [0, owner, least]
+        reply = self._acquire((slots[free], fence_key), args)
+        return [*reply, free]
+
     def _release(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> int:
         held = self._get(keys[0])
         if held is not None and held["token"] == str(args[0]):

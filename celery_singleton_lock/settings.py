@@ -26,6 +26,7 @@ __all__ = [
     "TASK_OPTIONS",
     "MIN_TTL_TIMEOUTS",
     "LockOptions",
+    "check_limit",
     "check_renewable_ttl",
     "register_defaults",
     "resolve_options",
@@ -179,6 +180,26 @@ class LockOptions:
     key_prefix: str
     socket_timeout: float
     fence_ttl: float
+    #: Bodies of one key that may run at once (``lock_limit``, a task option only).
+    limit: int = 1
+
+
+def check_limit(value: Any, mode: str) -> int:
+    """``lock_limit``: an integer >= 1 (None: 1), above 1 only for ``while_executing``."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LockConfigError(
+            f"lock_limit must be an integer >= 1, got {type(value).__name__} {value!r}",
+            setting="lock_limit",
+        )
+    if value > 1 and mode != "while_executing":
+        raise LockConfigError(
+            f"lock_limit={value} needs lock_mode='while_executing' (it limits the bodies that "
+            f"run at once), got lock_mode={mode!r}",
+            setting="lock_limit",
+        )
+    return value
 
 
 def _validate(option: str, value: Any, setting_name: str) -> Any:
@@ -219,6 +240,7 @@ def resolve_options(task: Any, app: Any) -> LockOptions:
         key_prefix=prefix,
         socket_timeout=timeout,
         fence_ttl=fence_ttl,
+        limit=check_limit(getattr(task, "lock_limit", None), values["lock_mode"]),
     )
 
 

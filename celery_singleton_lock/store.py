@@ -23,6 +23,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import select
 import threading
 import time
@@ -84,7 +85,7 @@ class Script:
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
     for name in ("acquire", "release", "extend", "restore", "raise_fence", "handover",
-                 "beat_claim")
+                 "beat_claim", "acquire_slot")
 }
 
 
@@ -620,6 +621,9 @@ class AcquireResult(NamedTuple):
     holder_pttl_ms: int
     backend_down: bool
     errors: tuple[str, ...]
+    #: The key the lock was taken under: the lock's own key, or the slot key a quorum granted
+    #: (:meth:`Store.acquire_slot`); "" when not acquired.
+    key: str = ""
 
 
 class Renewal(NamedTuple):
@@ -671,13 +675,28 @@ def _text(value: Any) -> str:
 
 
 def channel_for(key: str) -> str:
-    """The pub/sub channel on which a release of ``key`` is announced to waiters."""
-    return f"{key}:released"
+    """The pub/sub channel on which a release of ``key`` is announced to waiters (a slot's
+    release is announced on its lock's channel)."""
+    return f"{slot_base(key)}:released"
 
 
 def fence_key_for(key: str) -> str:
-    """The fencing counter of ``key``; it shares the key's hash tag, so one cluster slot."""
-    return f"{key}:fence"
+    """The fencing counter of ``key``; it shares the key's hash tag, so one cluster slot. The
+    slots of one lock share the lock's counter."""
+    return f"{slot_base(key)}:fence"
+
+
+_SLOT_SUFFIX = re.compile(r"(?<=\}):slot:\d+$")
+
+
+def slot_key(key: str, index: int) -> str:
+    """Slot ``index`` of a lock that several holders may hold at once (``lock_limit``)."""
+    return f"{key}:slot:{index}"
+
+
+def slot_base(key: str) -> str:
+    """The lock a slot key belongs to (``key`` itself when it is not a slot key)."""
+    return _SLOT_SUFFIX.sub("", key) if key.endswith(tuple("0123456789")) else key
 
 
 class _PostedRelease:
@@ -813,6 +832,66 @@ class Store:
     ) -> AcquireResult:
         """One Redlock round: take ``key`` on a quorum within the validity, or release it all."""
         return self.begin_acquire(key, token, ttl_s, metadata, fixed).finish()
+
+    def acquire_slot(
+        self,
+        key: str,
+        token: str,
+        ttl_s: float,
+        limit: int,
+        metadata: Sequence[tuple[str, Any]] = (),
+        fixed: PackedArgs | None = None,
+    ) -> AcquireResult:
+        """One Redlock round for one of ``limit`` slots of ``key`` (``lock_limit``).
+
+        Each master takes its first free slot in the same round trip as a plain acquire. The
+        lock is the slot that most masters granted, if that is a quorum; ``result.key`` names
+        it, and renewal and release then treat it as any lock. Grants of other slots (masters
+        that saw the holders come and go in another order) are released at once.
+        """
+        ttl_ms = max(1, int(ttl_s * 1000))
+        slots = [slot_key(key, i) for i in range(limit)]
+        args: list[Any] = [token, ttl_ms, self.fence_ttl_ms]
+        for field, value in metadata:
+            args.extend((field, value))
+        if fixed is not None:
+            args.extend(fixed.flat)
+        started = self.clock()
+        replies = [r[0] for r in self.fanout([Call.run("acquire_slot",
+                                                       (fence_key_for(key), *slots), args)])]
+        parsed = [self._acquire_reply(r) for r in replies]
+        granted = [_as_int(r[2]) if p.acquired else None for r, p in zip(replies, parsed,
+                                                                          strict=True)]
+        counts = Counter(g for g in granted if g is not None)
+        chosen = min(counts, key=lambda g: (-counts[g], g)) if counts else None
+        # A master that granted another slot counts as one where the chosen slot is not ours.
+        parsed = [p if g == chosen else MasterReply() if g is not None else p
+                  for p, g in zip(parsed, granted, strict=True)]
+        outcome = judge_acquire(parsed, ttl_s, self.clock() - started)
+        if outcome.acquired and outcome.fences_disagree:
+            outcome = self._raise_fences(key, parsed, outcome, ttl_s, started)
+        undo: dict[str, list[int]] = {}
+        for i, g in enumerate(granted):
+            if g is not None and (g != chosen or not outcome.acquired):
+                undo.setdefault(slots[g], []).append(i)
+            elif g is None and parsed[i].error is not None and not outcome.acquired:
+                for slot in slots:  # no answer: it may have taken any slot, late
+                    undo.setdefault(slot, []).append(i)
+        for slot, nodes in undo.items():
+            self.release(slot, token, nodes=nodes, deadline=started + ttl_s)
+        errors = tuple(f"{n.name}: {redact_url(str(r.error))}"
+                       for n, r in zip(self.nodes, parsed, strict=True) if r.error is not None)
+        return AcquireResult(
+            acquired=outcome.acquired,
+            fence=outcome.fence,
+            validity_s=outcome.validity_s,
+            started=started,
+            holder=outcome.holder or None,
+            holder_pttl_ms=outcome.holder_pttl_ms,
+            backend_down=outcome.backend_down,
+            errors=errors,
+            key=slots[chosen] if outcome.acquired and chosen is not None else "",
+        )
 
     def begin_acquire(
         self,

@@ -102,7 +102,7 @@ class LockedTask(Task):
 
         lock_key, lock_ttl, lock_mode, lock_on_duplicate, lock_requeue_delay,
         lock_requeue_max, lock_wait_timeout, lock_queued_ttl, lock_on_backend_error,
-        lock_on_lost, lock_on_enqueue_duplicate
+        lock_on_lost, lock_on_enqueue_duplicate, lock_limit (no setting)
     """
 
     #: None: all arguments; a list of argument names; [] for the task name alone; or a callable.
@@ -128,6 +128,9 @@ class LockedTask(Task):
     lock_on_lost: str | None = None
     #: ``return_existing`` or ``raise`` for enqueue-time duplicates.
     lock_on_enqueue_duplicate: str | None = None
+    #: Bodies of one key that may run at once (``while_executing``), each with its own lock
+    #: (a slot key ``<key>:slot:<i>``), token and fencing token. None or 1: the plain lock.
+    lock_limit: int | None = None
 
     _lock_cache: ClassVar[dict[str, Any]]
 
@@ -307,7 +310,7 @@ class LockedTask(Task):
 
         def attempt() -> tuple[Lease | None, AcquireResult]:
             return try_acquire(store, key, opts.ttl, fixed, owner=req.id, task_name=self.name,
-                               metadata=(("owner", req.id),))
+                               metadata=(("owner", req.id),), limit=opts.limit)
 
         try:
             lease, result = attempt()

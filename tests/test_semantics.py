@@ -1,10 +1,12 @@
-"""Throttle windows (``lock_mode="until_expired"``, SPEC 4) with real prefork workers and a real
-lock ``redis-server``.
+"""Throttle windows (``lock_mode="until_expired"``, SPEC 4) and per-key concurrency limits
+(``lock_limit``, SPEC 5) with real prefork workers and a real lock ``redis-server``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -15,8 +17,9 @@ import pytest
 from celery.signals import after_task_publish
 
 from celery_singleton_lock import DuplicateTaskError
+from celery_singleton_lock.store import slot_key
 from tests.apps import semantics
-from tests.workers import CeleryWorker, TaskEnv, open_task_env
+from tests.workers import CeleryWorker, TaskEnv, open_task_env, poll_gone
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +42,15 @@ def worker(env: TaskEnv) -> Iterator[CeleryWorker]:
         yield worker.start()
     finally:
         env.stop_workers([worker])
+
+
+@pytest.fixture(scope="module")
+def second_worker(env: TaskEnv, worker: CeleryWorker) -> Iterator[CeleryWorker]:
+    second = env.worker(pool="prefork", concurrency=2)
+    try:
+        yield second.start()
+    finally:
+        env.stop_workers([second])
 
 
 @pytest.fixture
@@ -139,3 +151,64 @@ def test_until_expired_task_sent_without_its_lock_opens_a_window_or_is_a_duplica
     assert env.lock_client.hget(key, "owner") == ran.id
     assert env.lock_client.pttl(key) > 0
 
+
+
+# -- lock_limit: up to N holders of one key ----------------------------------------------------
+
+
+def _slot_keys(key: str) -> list[str]:
+    return [slot_key(key, i) for i in range(semantics.LIMIT)]
+
+
+def test_lock_limit_runs_at_most_n_bodies_of_one_key_at_once_over_two_workers(
+    env: TaskEnv, worker: CeleryWorker, second_worker: CeleryWorker
+) -> None:
+    slot = _slot()
+    key = semantics.limited.lock_key_for(slot)
+    results = [semantics.limited.delay(slot, 0.3) for _ in range(40)]
+    states = env.wait_ready([r.id for r in results], 60)
+    assert states == ["SUCCESS"] * 40
+    top_inside = int(env.records.get(f"{slot}:max") or 0)
+    assert top_inside == semantics.LIMIT, f"at most {top_inside} bodies at once"
+    runs = _runs(env, slot)
+    assert sorted(run["id"] for run in runs) == sorted(r.id for r in results)
+    assert {run["key"] for run in runs} <= set(_slot_keys(key))
+    fences = [run["fence"] for run in runs]
+    assert len(set(fences)) == 40, "each holder has its own fencing token"
+    assert {run["host"] for run in runs} == {worker.hostname, second_worker.hostname}
+    # At no instant did more than LIMIT runs overlap (the counter said so; the times agree).
+    edges = sorted([(run["start"], 1) for run in runs] + [(run["end"], -1) for run in runs],
+                   key=lambda edge: (edge[0], edge[1]))
+    inside = top = 0
+    for _, step in edges:
+        inside += step
+        top = max(top, inside)
+    assert top <= semantics.LIMIT
+    env.wait(lambda: not any(env.lock_client.exists(k) for k in _slot_keys(key)), 2,
+             "every holder's slot released")
+
+
+def test_lock_limit_killed_child_frees_only_its_own_slot(
+    env: TaskEnv, worker: CeleryWorker, second_worker: CeleryWorker
+) -> None:
+    slot = _slot()
+    key = semantics.limited.lock_key_for(slot)
+    holders = [semantics.limited.delay(slot, 30.0) for _ in range(semantics.LIMIT)]
+    env.wait(lambda: env.records.llen(f"{slot}:started") == semantics.LIMIT, 15,
+             "three holders inside")
+    started = [json.loads(r) for r in env.records.lrange(f"{slot}:started", 0, -1)]
+    assert sorted(s["key"] for s in started) == _slot_keys(key)
+    victim, *others = started
+    os.kill(victim["pid"], signal.SIGKILL)
+    gone = poll_gone(env.lock_client, victim["key"], 2.0)
+    for other in others:
+        assert env.lock_client.hget(other["key"], "token") == other["token"]
+    killed = next(r for r in holders if r.id == victim["id"])
+    env.wait_ready([killed.id], 10)
+    assert killed.state == "FAILURE"
+    assert time.time() - gone < 10
+    env.records.set(f"{slot}:go", 1)
+    rest = [r for r in holders if r.id != victim["id"]]
+    assert env.wait_ready([r.id for r in rest], 15) == ["SUCCESS"] * len(rest)
+    env.wait(lambda: not any(env.lock_client.exists(k) for k in _slot_keys(key)), 2,
+             "the other holders' slots released")

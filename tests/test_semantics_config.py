@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_singleton_lock import LockedTask
+from celery_singleton_lock import LockConfigError, LockedTask
 from celery_singleton_lock.memory import memory_store
+from celery_singleton_lock.store import slot_key
 
 # Every task here is made with shared=False: a shared task would be added to every app
 # finalized later in the session.
@@ -40,3 +41,45 @@ def test_until_expired_enqueue_lock_lives_lock_ttl_not_queued_ttl(app: Celery) -
     node = memory_store(app.conf.singleton_lock_url).nodes[0]
     ttl_ms = node.pttl_ms(task.lock_key_for("a"))
     assert 6000 < ttl_ms <= 7000
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"lock_limit": 0}, "integer >= 1"),
+        ({"lock_limit": -2}, "integer >= 1"),
+        ({"lock_limit": "3"}, "integer >= 1"),
+        ({"lock_limit": 2.0}, "integer >= 1"),
+        ({"lock_limit": True}, "integer >= 1"),
+        ({"lock_limit": 3, "lock_mode": "until_expired"}, "while_executing"),
+        ({"lock_limit": 3, "lock_mode": "until_executed"}, "while_executing"),
+        ({"lock_limit": 2, "lock_mode": "until_and_while_executing"}, "while_executing"),
+    ],
+)
+def test_bad_lock_limit_raises_lock_config_error_naming_it_at_registration(
+    app: Celery, options: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(LockConfigError) as info:
+        app.task(base=LockedTask, shared=False, name="semantics.cfg_bad_limit", **options)(_body)
+    assert info.value.setting == "lock_limit"
+    assert "lock_limit" in str(info.value) and needle in str(info.value)
+    assert "semantics.cfg_bad_limit" in str(info.value)
+
+
+def test_lock_limit_body_holds_a_slot_of_its_key(app: Celery) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def body(self: Any, slot: str) -> str:
+        seen.append((self.lock.key, self.lock.fencing_token))
+        return slot
+
+    task: Any = app.task(base=LockedTask, bind=True, shared=False, name="semantics.cfg_limit",
+                         lock_limit=2)(body)
+    assert task.lock_options.limit == 2
+    assert task.apply(("a",)).get() == "a"
+    assert task.apply(("a",)).get() == "a"
+    key = task.lock_key_for("a")
+    assert [k for k, _ in seen] == [slot_key(key, 0), slot_key(key, 0)]
+    assert seen[0][1] < seen[1][1]
+    node = memory_store(app.conf.singleton_lock_url).nodes[0]
+    assert node.pttl_ms(slot_key(key, 0)) == -2, "released when the body ended"
