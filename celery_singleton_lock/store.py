@@ -205,62 +205,40 @@ def _failed(calls: Sequence[Call], exc: BaseException) -> _Done:
     return _Done([exc] * len(calls))
 
 
-try:  # redis-py's mapping of error replies to exception classes (NOSCRIPT, READONLY...)
-    from redis._parsers.base import BaseParser as _ErrorParser
-
-    _parse_error: Callable[[str], ResponseError] = _ErrorParser.parse_error
-except (ImportError, AttributeError):  # pragma: no cover - older or newer redis-py
-
-    def _parse_error(message: str) -> ResponseError:
-        if message.startswith("NOSCRIPT"):
-            return NoScriptError(message)
-        return ResponseError(message)
-
-
-#: What the reader asks of the socket at once.
-_READ_SIZE = 65536
-
-
 class _Wire:
-    """One connection of a :class:`RedisNode`: redis-py connects it, this reads and writes.
+    """One connection of a :class:`RedisNode`, driven through redis-py's public connection API.
 
-    redis-py does the connecting (TLS, AUTH, SELECT, timeouts); commands and replies then go
-    straight over its socket, packed once for every master and parsed here (RESP2), without
-    redis-py's per-command bookkeeping. A wire may owe replies to batches sent without waiting
-    (:meth:`RedisNode.post`): they are read, and handed to their callbacks, before anything
-    else is read from it.
+    A batch is packed once for every master and written with ``send_packed_command``; its
+    replies are read one by one with ``read_response`` (redis-py's parser: hiredis when it is
+    installed, RESP2 or RESP3 as the URL asks), the way redis-py's own pipeline does it. An
+    error reply is returned as its exception, not raised. A wire may owe replies to batches sent
+    without waiting (:meth:`RedisNode.post`): they are read, and handed to their callbacks,
+    before anything else is read from it.
     """
 
-    __slots__ = ("conn", "sock", "buf", "pos", "owed")
+    __slots__ = ("conn", "live", "owed")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
-        self.sock: Any = None
-        self.buf = b""
-        self.pos = 0
+        #: True once a batch went out and until a failure or disconnect: the connection is open.
+        self.live = False
         #: (number of replies, callback) of batches whose replies are not read yet
         self.owed: list[tuple[int, Callable[[Replies], None]]] = []
 
     @property
     def connected(self) -> bool:
-        return self.sock is not None
+        return self.live
 
     def send(self, data: bytes) -> None:
-        sock = self.sock
-        if sock is None:
-            self.conn.connect()
-            sock = self.sock = self.conn._sock
         try:
-            sock.sendall(data)
-        except TimeoutError:
+            self.conn.send_packed_command([data], check_health=False)
+        except (RedisError, OSError):
             self.disconnect()
-            raise RedisTimeoutError("Timeout writing to socket") from None
-        except OSError as exc:
-            self.disconnect()
-            raise RedisConnectionError(f"Error while writing to socket: {exc}") from None
+            raise
+        self.live = True
 
     def disconnect(self) -> None:
-        self.sock, self.buf, self.pos = None, b"", 0
+        self.live = False
         owed, self.owed = self.owed, []
         try:
             self.conn.disconnect()
@@ -276,52 +254,17 @@ class _Wire:
             self.owed.pop(0)
             callback(replies)
 
-    def _fill(self) -> None:
-        try:
-            data = self.sock.recv(_READ_SIZE)
-        except TimeoutError:
-            raise RedisTimeoutError("Timeout reading from socket") from None
-        except OSError as exc:
-            raise RedisConnectionError(f"Error while reading from socket: {exc}") from None
-        if not data:
-            raise RedisConnectionError("Connection closed by server.")
-        self.buf = self.buf[self.pos:] + data if self.pos < len(self.buf) else data
-        self.pos = 0
-
-    def _line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\r\n", self.pos)
-            if end >= 0:
-                line = self.buf[self.pos:end]
-                self.pos = end + 2
-                return line
-            self._fill()
-
     def read(self) -> Any:
         """One reply; an error reply is returned as its exception, not raised."""
-        if self.sock is None:
+        if not self.live:
             raise RedisConnectionError("not connected")
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            while len(self.buf) - self.pos < size + 2:
-                self._fill()
-            data = self.buf[self.pos:self.pos + size]
-            self.pos += size + 2
-            return data
-        if kind == b"*":
-            count = int(rest)
-            return None if count < 0 else [self.read() for _ in range(count)]
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            return _parse_error(rest.decode("utf-8", "replace"))
-        raise RedisConnectionError(f"unexpected reply from the server: {line[:40]!r}")
+        try:
+            return self.conn.read_response()
+        except ResponseError as exc:
+            return exc
+        except (RedisError, OSError):
+            self.live = False
+            raise
 
 
 class _RedisPending:
@@ -364,40 +307,76 @@ class _RedisPending:
         return replies
 
 
-class _SocketSubscription:
-    """A redis-py PubSub on one channel whose socket wakes ``select``."""
+class _ThreadSubscription:
+    """A redis-py PubSub on one channel whose messages wake ``select`` through a pipe.
+
+    A small daemon thread reads the subscription with redis-py's ``get_message`` and writes a
+    byte to a pipe per message, so a waiter can ``select`` on several masters at once without
+    touching a redis-py socket. The subscription is confirmed by the server before this returns,
+    so a release published afterwards is never missed.
+    """
+
+    #: How long the reading thread blocks per read; it notices close() within this.
+    READ_TIMEOUT_S = 0.1
 
     def __init__(self, pubsub: Any, channel: str) -> None:
         self.pubsub = pubsub
-        pubsub.subscribe(channel)
-        # Read the subscribe confirmation so that only real messages remain.
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            msg = pubsub.get_message(timeout=0.05)
-            if msg and msg.get("type") == "subscribe":
-                break
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        self._stopped = threading.Event()
+        try:
+            pubsub.subscribe(channel)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                msg = pubsub.get_message(timeout=0.05)
+                if msg and msg.get("type") == "subscribe":
+                    break
+        except BaseException:
+            self._close_all()
+            raise
+        threading.Thread(target=self._read, name="celery-singleton-lock-wait",
+                         daemon=True).start()
 
-    def fileno(self) -> int:
-        conn = self.pubsub.connection
-        sock = getattr(conn, "_sock", None) if conn is not None else None
-        if sock is None:
-            raise OSError("pubsub connection is closed")
-        return sock.fileno()
+    def _read(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                try:
+                    msg = self.pubsub.get_message(timeout=self.READ_TIMEOUT_S)
+                except Exception:  # closed under us (a pool disconnect) or broken
+                    break  # the waiter still wakes on its own timeout
+                if msg is not None and msg.get("type") == "message":
+                    try:
+                        os.write(self._w, b"x")
+                    except OSError:  # pipe full: the waiter is already due to wake
+                        pass
+        finally:
+            self._close_all()
 
-    def drain(self) -> bool:
-        got = False
-        while True:
-            msg = self.pubsub.get_message(timeout=0.0)
-            if msg is None:
-                return got
-            if msg.get("type") == "message":
-                got = True
-
-    def close(self) -> None:
+    def _close_all(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         try:
             self.pubsub.close()
         except (RedisError, OSError):  # closing a broken subscription; nothing to recover
             logger.debug("closing a subscription failed", exc_info=True)
+
+    def fileno(self) -> int:
+        if self._stopped.is_set():
+            raise OSError("subscription is closed")
+        return self._r
+
+    def drain(self) -> bool:
+        try:
+            return bool(os.read(self._r, 4096))
+        except (BlockingIOError, OSError):
+            return False
+
+    def close(self) -> None:
+        """Stop the reading thread; it closes the pipe and the subscription itself."""
+        self._stopped.set()
 
 
 # Options that keep a connect to a hung server from blocking on a handshake, and speak RESP2.
@@ -514,7 +493,7 @@ class RedisNode:
         return self._client
 
     def subscribe(self, channel: str) -> Subscription:
-        return _SocketSubscription(self.client().pubsub(ignore_subscribe_messages=False), channel)
+        return _ThreadSubscription(self.client().pubsub(ignore_subscribe_messages=False), channel)
 
     def close(self) -> None:
         self.settle()  # posted releases: read their replies (a failure is retried) first
@@ -562,7 +541,7 @@ class ClusterNode:
 
     def subscribe(self, channel: str) -> Subscription:
         # Classic PUBLISH reaches every node of a cluster; any node serves the subscription.
-        return _SocketSubscription(self.cluster.pubsub(), channel)
+        return _ThreadSubscription(self.cluster.pubsub(), channel)
 
     def close(self) -> None:
         self.cluster.close()
@@ -684,6 +663,11 @@ def fence_key_for(key: str) -> str:
     """The fencing counter of ``key``; it shares the key's hash tag, so one cluster slot. The
     slots of one lock share the lock's counter."""
     return f"{slot_base(key)}:fence"
+
+
+def follow_key_for(key: str) -> str:
+    """Where the task id of ``key``'s one follow-up (``coalesce``) is kept (same hash tag)."""
+    return f"{key}:next"
 
 
 _SLOT_SUFFIX = re.compile(r"(?<=\}):slot:\d+$")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -196,3 +197,47 @@ def test_board_post_from_a_forked_child_is_seen_by_the_parent() -> None:
     slot = found.index(posted[0])
     board.free(slot)
     assert board.post(0, 1, _msg(8)) == (slot, posted[0][0] + 2)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_locks_work_over_resp2_and_resp3_as_the_url_asks(
+    redis_server_module: RedisServer, protocol: int
+) -> None:
+    import threading
+
+    from celery_singleton_lock import Redlock
+
+    url = f"{redis_server_module.url}?protocol={protocol}"
+    store = Store.from_url(url, socket_timeout=2.0)
+    try:
+        info = one(store, "CLIENT", "INFO")
+        assert f"resp={protocol}".encode() in info  # the store's own connection speaks it
+        holder = Redlock(f"wire:resp{protocol}", store=store, ttl=5.0, owner="holder-id")
+        assert holder.acquire(blocking=False)
+        assert holder.fencing_token > 0
+        rival = Redlock(f"wire:resp{protocol}", store=store, ttl=5.0)
+        assert rival.acquire(blocking=False) is False
+        assert rival.last_attempt is not None and rival.last_attempt.holder == "holder-id"
+        assert store.holder(holder.key) == "holder-id"
+        assert holder.extend() is True and holder.owned() is True
+        fields = one(store, "HGETALL", holder.key)  # a list in RESP2, a map in RESP3
+        pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2])
+        assert dict(pairs)[b"owner"] == b"holder-id"
+        # A waiter is woken by the release's notification, well before its 5 s timeout.
+        got: list[float] = []
+
+        def wait() -> None:
+            started = time.monotonic()
+            if rival.acquire(timeout=5.0):
+                got.append(time.monotonic() - started)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        wait_until(lambda: one(store, "PUBSUB", "NUMSUB", f"{holder.key}:released")[1] == 1,
+                   3.0, message="the waiter's subscription")
+        assert holder.release() is True
+        waiter.join(6.0)
+        assert got and got[0] < 0.5, got  # the fallback poll would take 1 s
+        assert rival.release() is True
+    finally:
+        store.close()
