@@ -5,7 +5,10 @@ The forms accepted (SPEC section 2):
 * one ``redis://``, ``rediss://`` or ``unix://`` URL: one Redis;
 * a list, or a comma-separated string, of two or more such URLs: Redlock over independent masters;
 * one ``redis+cluster://`` or ``rediss+cluster://`` URL: a Redis Cluster (redis-py's client);
-* ``memory://`` or ``memory://NAME``: an in-process store for tests (not shared between processes).
+* ``memory://`` or ``memory://NAME``: an in-process store for tests (not shared between processes);
+* ``redis+sentinel://[[user]:password@]host:26379[,host2:26379...]/master_name[/db]`` (and
+  ``rediss+sentinel://``): the current master of a Redis behind Sentinel. The password is the
+  master's; ``?sentinel_password=`` gives the Sentinels' own.
 
 Passwords never leave this module unredacted except to the Redis client itself.
 """
@@ -15,18 +18,20 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from .errors import LockConfigError
 
-__all__ = ["StoreURL", "parse_store_url", "redact_url"]
+__all__ = ["SentinelTarget", "StoreURL", "parse_sentinel_url", "parse_store_url", "redact_url",
+           "sentinel_from_kombu"]
 
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 MEMORY_SCHEME = "memory"
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
 _PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)@", re.I)
-_PASSWORD_IN_QUERY = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&\s]*)", re.I)
+_PASSWORD_IN_QUERY = re.compile(r"(?P<head>[?&][a-z_]*password=)(?P<pw>[^&\s]*)", re.I)
 
 
 def redact_url(url: str) -> str:
@@ -50,6 +55,80 @@ class StoreURL:
 
     def __repr__(self) -> str:
         return f"StoreURL(kind={self.kind!r}, urls={self.redacted!r})"
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """What a ``redis+sentinel://`` URL names."""
+
+    #: (host, port) of every Sentinel.
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+    ssl: bool
+
+    def __repr__(self) -> str:
+        hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+        return f"SentinelTarget({hosts}/{self.master_name}/{self.db})"
+
+
+def parse_sentinel_url(url: str, setting: str = "singleton_lock_url") -> SentinelTarget:
+    """Split a ``redis+sentinel://`` URL; :class:`LockConfigError` naming ``setting``."""
+    def bad(why: str) -> LockConfigError:
+        return LockConfigError(f"{setting}: Sentinel URL {redact_url(url)!r} {why}",
+                               setting=setting)
+
+    scheme, _, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(pw) if colon else None)
+    sentinels = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon:
+            host, port = item.strip(), "26379"
+        if not host or not port.isdigit():
+            raise bad(f"has a bad Sentinel address {item.strip()!r}; expected host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    segments = [p for p in path.split("/") if p]
+    if not segments:
+        raise bad("names no master: expected redis+sentinel://host:26379/master_name[/db]")
+    if len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
+        raise bad("has a bad path; expected /master_name or /master_name/db (a number)")
+    params = parse_qs(query)
+    return SentinelTarget(
+        sentinels=tuple(sentinels),
+        master_name=unquote(segments[0]),
+        db=int(segments[1]) if len(segments) == 2 else 0,
+        username=username,
+        password=password,
+        sentinel_password=params.get("sentinel_password", [None])[0],
+        ssl=scheme.lower() == "rediss+sentinel",
+    )
+
+
+def sentinel_from_kombu(broker_url: str, master_name: str | None) -> str:
+    """kombu's ``sentinel://h1:26379;sentinel://h2:26379`` broker form as our Sentinel URL."""
+    parts = [p.strip() for p in broker_url.split(";") if p.strip()]
+    first = urlsplit(parts[0])
+    auth = first.netloc.rpartition("@")[0]
+    hosts = ",".join(urlsplit(p).netloc.rpartition("@")[2] for p in parts)
+    db = first.path.strip("/") or "0"
+    if not master_name:
+        raise LockConfigError(
+            "the broker is Redis behind Sentinel but broker_transport_options has no "
+            "'master_name': set it, or set singleton_lock_url to "
+            "redis+sentinel://host:26379/master_name",
+            setting="broker_transport_options",
+        )
+    return f"redis+sentinel://{auth + '@' if auth else ''}{hosts}/{master_name}/{db}"
 
 
 def _split(value: object, setting: str) -> list[str]:
@@ -119,6 +198,11 @@ def parse_store_url(value: object, setting: str = "singleton_lock_url") -> Store
     """Validate a lock store location; raise :class:`LockConfigError` naming ``setting``."""
     if isinstance(value, StoreURL):
         return value
+    if isinstance(value, str) and value.strip().lower().startswith(
+            tuple(f"{s}://" for s in SENTINEL_SCHEMES)):
+        url = value.strip()  # its commas separate Sentinels, not Redlock masters
+        parse_sentinel_url(url, setting)
+        return StoreURL("sentinel", (url,))
     parts = _split(value, setting)
     if len(parts) == 1:
         url = parts[0]
