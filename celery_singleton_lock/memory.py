@@ -154,6 +154,21 @@ class MemoryNode:
         reply = self._acquire((slots[free], fence_key), args)
         return [*reply, free]
 
+    def _follow(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> list[Any]:
+        lock, follow = keys
+        me, current = str(args[0]), self._get(follow)
+        if str(args[1]) == "drop":
+            if current == me:
+                del self.data[follow]
+                return [1, me]
+            return [0, current or ""]
+        held = self._get(lock)
+        owner = held.get("owner") if isinstance(held, dict) else None
+        if current is not None and current != me and current != owner:
+            return [0, current]
+        self._set(follow, me, int(args[2]))
+        return [1, me]
+
     def _release(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> int:
         held = self._get(keys[0])
         if held is not None and held["token"] == str(args[0]):

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import LockConfigError
 from .keys import validate_key_prefix
-from .urls import StoreURL, parse_store_url, sentinel_from_kombu
+from .urls import StoreURL, parse_store_url
 
 __all__ = [
     "DEFAULTS",
@@ -35,7 +35,7 @@ __all__ = [
 
 MODES = ("while_executing", "until_executing", "until_executed", "until_and_while_executing",
          "until_expired")
-ON_DUPLICATE = ("reject", "requeue", "wait")
+ON_DUPLICATE = ("reject", "requeue", "wait", "coalesce")
 ON_BACKEND_ERROR = ("requeue", "run", "fail")
 ON_LOST = ("warn", "abort")
 ON_ENQUEUE_DUPLICATE = ("return_existing", "raise")
@@ -184,8 +184,9 @@ class LockOptions:
     limit: int = 1
 
 
-def check_limit(value: Any, mode: str) -> int:
-    """``lock_limit``: an integer >= 1 (None: 1), above 1 only for ``while_executing``."""
+def check_limit(value: Any, mode: str, on_duplicate: str = "reject") -> int:
+    """``lock_limit``: an integer >= 1 (None: 1), above 1 only for ``while_executing`` and
+    not with ``coalesce`` (whose one follow-up waits for the one holder)."""
     if value is None:
         return 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -199,7 +200,23 @@ def check_limit(value: Any, mode: str) -> int:
             f"run at once), got lock_mode={mode!r}",
             setting="lock_limit",
         )
+    if value > 1 and on_duplicate == "coalesce":
+        raise LockConfigError(
+            f"lock_limit={value} cannot be used with lock_on_duplicate='coalesce' (one "
+            f"follow-up runs after the one holder)",
+            setting="lock_limit",
+        )
     return value
+
+
+def check_coalesce(on_duplicate: str, mode: str, name: str) -> None:
+    """``coalesce`` queues a follow-up behind a running body: ``while_executing`` only."""
+    if on_duplicate == "coalesce" and mode != "while_executing":
+        raise LockConfigError(
+            f"{name}='coalesce' needs lock_mode='while_executing' (a follow-up waits for the "
+            f"running holder), got lock_mode={mode!r}",
+            setting=name,
+        )
 
 
 def _validate(option: str, value: Any, setting_name: str) -> Any:
@@ -225,6 +242,7 @@ def resolve_options(task: Any, app: Any) -> LockOptions:
     timeout = check_seconds(_conf(app, "singleton_lock_socket_timeout"),
                             "singleton_lock_socket_timeout")
     check_renewable_ttl(values["lock_ttl"], names["lock_ttl"], timeout)
+    check_coalesce(values["lock_on_duplicate"], values["lock_mode"], names["lock_on_duplicate"])
     fence_ttl = check_seconds(_conf(app, "singleton_lock_fence_ttl"), "singleton_lock_fence_ttl")
     return LockOptions(
         ttl=values["lock_ttl"],
@@ -240,7 +258,8 @@ def resolve_options(task: Any, app: Any) -> LockOptions:
         key_prefix=prefix,
         socket_timeout=timeout,
         fence_ttl=fence_ttl,
-        limit=check_limit(getattr(task, "lock_limit", None), values["lock_mode"]),
+        limit=check_limit(getattr(task, "lock_limit", None), values["lock_mode"],
+                          values["lock_on_duplicate"]),
     )
 
 
@@ -250,17 +269,11 @@ def resolve_store_url(app: Any) -> StoreURL:
     if url is not None:
         return parse_store_url(url, setting="singleton_lock_url")
     broker = app.conf.get("broker_url") or ""
-    scheme = broker.split("://", 1)[0].lower() if isinstance(broker, str) else ""
-    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
+    if isinstance(broker, str) and broker.split("://", 1)[0] in ("redis", "rediss", "unix"):
         return parse_store_url(broker, setting="broker_url")
-    if scheme == "sentinel":  # kombu's form: sentinel://h1:26379;sentinel://h2:26379
-        options = app.conf.get("broker_transport_options") or {}
-        url = sentinel_from_kombu(broker, options.get("master_name"))
-        return parse_store_url(url, setting="broker_url")
     raise LockConfigError(
         "singleton_lock_url is not set and the broker is not Redis: set "
-        "app.conf.singleton_lock_url to a redis://, rediss://, unix://, redis+cluster:// or "
-        "redis+sentinel:// URL "
+        "app.conf.singleton_lock_url to a redis://, rediss://, unix:// or redis+cluster:// URL "
         "(or a list of Redlock master URLs)",
         setting="singleton_lock_url",
     )

@@ -42,7 +42,7 @@ from ._process import current_pid
 from .errors import LockBackendError, LockConfigError
 from .redlock import MasterReply, RoundOutcome, judge_acquire, judge_owned, quorum, validity_s
 from .renewer import get_renewer
-from .urls import parse_sentinel_url, parse_store_url, redact_url
+from .urls import parse_store_url, redact_url
 
 __all__ = [
     "Call",
@@ -85,7 +85,7 @@ class Script:
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
     for name in ("acquire", "release", "extend", "restore", "raise_fence", "handover",
-                 "beat_claim", "acquire_slot")
+                 "beat_claim", "acquire_slot", "follow")
 }
 
 
@@ -231,10 +231,6 @@ class _Wire:
 
     def send(self, data: bytes) -> None:
         try:
-            if not self.live:
-                # connect() first: a Sentinel-managed connection asks a Sentinel for the
-                # master's address there, which send_packed_command's own connect skips.
-                self.conn.connect()
             self.conn.send_packed_command([data], check_health=False)
         except (RedisError, OSError):
             self.disconnect()
@@ -393,43 +389,19 @@ except ImportError:
     _QUIET_CONNECT = {"lib_name": None, "lib_version": None, "protocol": 2}
 
 
-def _sentinel_pool(url: str, socket_timeout: float) -> Any:
-    """redis-py's pool of connections to the current master behind Sentinel.
-
-    Its connections ask a Sentinel for the master's address when they connect, and a master
-    demoted by a failover (``READONLY``) makes them reconnect, so the store follows failovers.
-    """
-    from redis.sentinel import Sentinel, SentinelConnectionPool
-
-    target = parse_sentinel_url(url)
-    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
-    sentinel_kwargs: dict[str, Any] = dict(timeouts)
-    if target.sentinel_password:
-        sentinel_kwargs["password"] = target.sentinel_password
-    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **timeouts)
-    return SentinelConnectionPool(
-        target.master_name, sentinel, db=target.db, username=target.username,
-        password=target.password, ssl=target.ssl, **timeouts, **_QUIET_CONNECT,
-    )
-
-
 class RedisNode:
-    """One standalone Redis (a single store, one Redlock master, or the master behind
-    Sentinel)."""
+    """One standalone Redis (a single store, or one Redlock master)."""
 
     def __init__(self, url: str, *, socket_timeout: float) -> None:
         self.url = url
         self.name = redact_url(url)
         try:
-            if url.lower().startswith(("redis+sentinel://", "rediss+sentinel://")):
-                self.pool = _sentinel_pool(url, socket_timeout)
-            else:
-                self.pool = redis.ConnectionPool.from_url(
-                    url,
-                    socket_timeout=socket_timeout,
-                    socket_connect_timeout=socket_timeout,
-                    **_QUIET_CONNECT,
-                )
+            self.pool = redis.ConnectionPool.from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                **_QUIET_CONNECT,
+            )
         except (ValueError, TypeError) as exc:
             raise LockConfigError(
                 f"cannot use lock store URL {self.name!r}: {redact_url(str(exc))}",
@@ -1208,6 +1180,27 @@ class Store:
         with self._cleanup_lock:
             self._cleanup.extend(keep)
             return len(self._cleanup)
+
+    def follow(self, key: str, task_id: str, ttl_s: float) -> str | None:
+        """Make ``task_id`` the one follow-up of the held lock ``key`` on a quorum (``coalesce``)
+        for ``ttl_s``, or refresh it. Returns None if it is, else the task id of the follow-up
+        that already waits. Raises :class:`LockBackendError` when too few masters answer.
+        """
+        call = Call.run("follow", (key, follow_key_for(key)),
+                        (task_id, "take", max(1, int(ttl_s * 1000))))
+        answered = [r[0] for r in self.fanout([call]) if not isinstance(r[0], BaseException)]
+        if len(answered) < self.quorum:
+            raise LockBackendError(f"cannot queue a follow-up of {key!r}: {self.no_quorum()}",
+                                   lock_key=key)
+        if sum(1 for r in answered if _as_int(r[0]) == 1) >= self.quorum:
+            return None
+        waiting = Counter(_text(r[1]) for r in answered if _as_int(r[0]) != 1)
+        self.unfollow(key, task_id)
+        return waiting.most_common(1)[0][0]
+
+    def unfollow(self, key: str, task_id: str) -> None:
+        """``task_id`` is no longer ``key``'s follow-up (it holds the lock now, or lost)."""
+        self.fanout([Call.run("follow", (key, follow_key_for(key)), (task_id, "drop", 0))])
 
     def wait_released(self, key: str, timeout_s: float, tried: Callable[[], bool]) -> bool:
         """Call ``tried()`` until it returns True, sleeping on release notifications between.

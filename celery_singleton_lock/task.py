@@ -4,7 +4,8 @@ The worker takes the lock just before the body runs (one round trip), renews it 
 runs and releases it however the run ends (one round trip), so the hot path costs two lock
 round trips. Duplicates are rejected (ready state ``REVOKED`` with a
 :class:`DuplicateTaskError`), requeued (same task id, a countdown with backoff and jitter, a
-counter header separate from ``request.retries``) or made to wait for a release notification.
+counter header separate from ``request.retries``), made to wait for a release notification, or
+coalesced (the first becomes the one follow-up that runs after the holder).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -112,7 +114,7 @@ class LockedTask(Task):
     #: ``while_executing`` (default), ``until_executing``, ``until_executed``,
     #: ``until_and_while_executing``, ``until_expired``.
     lock_mode: str | None = None
-    #: ``reject``, ``requeue`` or ``wait``.
+    #: ``reject``, ``requeue``, ``wait`` or ``coalesce``.
     lock_on_duplicate: str | None = None
     #: Base countdown of a requeued duplicate, seconds.
     lock_requeue_delay: float | None = None
@@ -322,6 +324,8 @@ class LockedTask(Task):
                     return lease is not None
 
                 store.wait_released(key, opts.wait_timeout, tried)
+            elif lease is None and opts.on_duplicate == "coalesce" and result.holder != req.id:
+                lease, result = self._follow_up(store, key, opts, req, attempt, result)
         except LockBackendError as exc:
             self._backend_error(exc, key, opts, req, args, kwargs)
             return None  # lock_on_backend_error="run": the body runs unlocked
@@ -334,6 +338,41 @@ class LockedTask(Task):
             return lease
         self._duplicate(key, result.holder, opts, req, args, kwargs)
         raise AssertionError("unreachable")  # _duplicate always raises
+
+    def _follow_up(
+        self, store: Store, key: str, opts: LockOptions, req: Any,
+        attempt: Callable[[], tuple[Lease | None, AcquireResult]], result: AcquireResult,
+    ) -> tuple[Lease | None, AcquireResult]:
+        """coalesce: become the key's one follow-up and sleep on release notices until the
+        holder lets go, or be rejected naming the follow-up that already waits.
+
+        The claim (``<key>:next``) outlives the wait and a requeue after it, so a follow-up
+        whose worker died comes back as the follow-up (``acks_late``); once the follow-up
+        holds the lock, its claim no longer counts.
+        """
+        ttl_s = follow_up_ttl_s(opts)
+        waiting = store.follow(key, req.id, ttl_s)
+        if waiting is not None:
+            self._reject(key, waiting, req)
+        lease: Lease | None = None
+        lost_to: list[str] = []
+
+        def tried() -> bool:
+            nonlocal lease, result
+            lease, result = attempt()
+            if lease is not None:
+                return True
+            other = store.follow(key, req.id, ttl_s)  # still waiting: keep the claim alive
+            if other is not None:
+                lost_to.append(other)
+            return other is not None
+
+        store.wait_released(key, opts.wait_timeout, tried)
+        if lease is not None:
+            store.unfollow(key, req.id)
+        elif lost_to:
+            self._reject(key, lost_to[0], req)
+        return lease, result  # not taken by the timeout: requeued, still the follow-up
 
     def _fixed_metadata(self, opts: LockOptions, hostname: str) -> PackedArgs:
         """The lock hash fields that are the same for every run here, packed once."""
@@ -385,7 +424,8 @@ class LockedTask(Task):
         requeues = self._requeues(req)
         # A holder with our own id is an earlier delivery of this very message (a worker
         # killed with acks_late): never reject it, wait for that lock to expire.
-        if (policy in ("requeue", "wait") or holder == req.id) and requeues < opts.requeue_max:
+        if (policy in ("requeue", "wait", "coalesce") or holder == req.id) \
+                and requeues < opts.requeue_max:
             signals.lock_duplicate.send(sender=self, lock_key=key, task_id=req.id,
                                         holder_id=holder, policy="requeue")
             self._requeue(req, args, kwargs, opts, requeues)
@@ -677,6 +717,12 @@ def _before_publish(headers: dict[str, Any] | None = None, **kwargs: Any) -> Non
         headers.pop(TOKEN_HEADER, None)  # no lock to hand over: the worker takes its own
         return
     raise _NotPublished()
+
+
+def follow_up_ttl_s(opts: LockOptions) -> float:
+    """How long a coalesce follow-up's claim lives unrefreshed: its wait, the holder's ttl and
+    the longest requeue countdown after a wait that timed out."""
+    return opts.wait_timeout + opts.ttl + REQUEUE_BACKOFF_CAP * opts.requeue_delay * 1.2
 
 
 def execution_key(key: str) -> str:

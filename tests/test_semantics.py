@@ -35,9 +35,14 @@ def _worker_logs_on_failure(request: pytest.FixtureRequest, env: TaskEnv) -> Ite
     yield from env.logs_on_failure(request)
 
 
+#: A worker takes a message only for a free child (acks_late tasks stay unacknowledged while
+#: they run or wait), so no trigger sits in the prefetch of a worker whose children are busy.
+ONE_AT_A_TIME = {"CSL_TEST_CONF": json.dumps({"worker_prefetch_multiplier": 1})}
+
+
 @pytest.fixture(scope="module")
 def worker(env: TaskEnv) -> Iterator[CeleryWorker]:
-    worker = env.worker(pool="prefork", concurrency=2)
+    worker = env.worker(pool="prefork", concurrency=2, env=ONE_AT_A_TIME)
     try:
         yield worker.start()
     finally:
@@ -46,7 +51,7 @@ def worker(env: TaskEnv) -> Iterator[CeleryWorker]:
 
 @pytest.fixture(scope="module")
 def second_worker(env: TaskEnv, worker: CeleryWorker) -> Iterator[CeleryWorker]:
-    second = env.worker(pool="prefork", concurrency=2)
+    second = env.worker(pool="prefork", concurrency=2, env=ONE_AT_A_TIME)
     try:
         yield second.start()
     finally:
@@ -212,3 +217,101 @@ def test_lock_limit_killed_child_frees_only_its_own_slot(
     assert env.wait_ready([r.id for r in rest], 15) == ["SUCCESS"] * len(rest)
     env.wait(lambda: not any(env.lock_client.exists(k) for k in _slot_keys(key)), 2,
              "the other holders' slots released")
+
+
+# -- coalesce: one follow-up after the running holder ------------------------------------------
+
+
+def _started(env: TaskEnv, slot: str) -> list[dict[str, Any]]:
+    return [json.loads(r) for r in env.records.lrange(f"{slot}:started", 0, -1)]
+
+
+def _go(env: TaskEnv, slot: str, task_id: str) -> None:
+    env.records.set(f"{slot}:go:{task_id}", 1)
+
+
+def _one_follow_up(
+    env: TaskEnv, triggers: list[Any], timeout_s: float = 15
+) -> tuple[Any, list[Any]]:
+    """Wait until all triggers but one are rejected; (the follow-up, the rejected)."""
+    ids = [r.id for r in triggers]
+    env.wait(lambda: env.states(ids).count("REVOKED") == len(ids) - 1, timeout_s,
+             f"{len(ids) - 1} of {len(ids)} triggers rejected")
+    states = env.states(ids)
+    follow = [r for r, state in zip(triggers, states, strict=True) if state != "REVOKED"]
+    rejected = [r for r, state in zip(triggers, states, strict=True) if state == "REVOKED"]
+    assert len(follow) == 1 and env.states([follow[0].id]) == ["PENDING"]
+    for r in rejected:
+        assert isinstance(r.result, DuplicateTaskError)
+        assert r.result.holder_id == follow[0].id, "a rejection names the follow-up"
+    return follow[0], rejected
+
+
+def test_coalesce_triggers_during_a_run_give_exactly_one_more_run_after_it(
+    env: TaskEnv, worker: CeleryWorker, second_worker: CeleryWorker
+) -> None:
+    slot = _slot()
+    key = semantics.coalesced.lock_key_for(slot)
+    holder = semantics.coalesced.delay(slot, 30.0)
+    env.wait(lambda: len(_started(env, slot)) == 1, 10, "the holder running")
+    follow, _ = _one_follow_up(env, [semantics.coalesced.delay(slot, 30.0) for _ in range(10)])
+    assert env.lock_client.get(f"{key}:next") == follow.id
+    assert len(_started(env, slot)) == 1, "the follow-up ran beside the holder"
+
+    _go(env, slot, holder.id)
+    env.wait(lambda: len(_started(env, slot)) == 2, 10, "the follow-up running")
+    assert holder.get(timeout=5) == holder.id
+    holder_run = _runs(env, slot)[0]
+    assert _started(env, slot)[1]["id"] == follow.id
+    assert _started(env, slot)[1]["start"] >= holder_run["end"]
+
+    # Triggers during the follow-up's run give one more run, after it.
+    again, _ = _one_follow_up(env, [semantics.coalesced.delay(slot, 30.0) for _ in range(3)])
+    _go(env, slot, follow.id)
+    env.wait(lambda: len(_started(env, slot)) == 3, 10, "the second follow-up running")
+    _go(env, slot, again.id)
+    assert env.wait_ready([follow.id, again.id], 10) == ["SUCCESS", "SUCCESS"]
+    assert [run["id"] for run in _runs(env, slot)] == [holder.id, follow.id, again.id]
+    env.wait(lambda: not env.lock_client.exists(key), 2, "the last run's release")
+    assert not env.lock_client.exists(f"{key}:next")
+
+
+def test_coalesce_follow_up_survives_a_killed_acks_late_worker_and_runs_once(
+    env: TaskEnv,
+) -> None:
+    slot = _slot()
+    held_queue, follow_queue = (f"{name}-{uuid.uuid4().hex[:8]}" for name in ("held", "next"))
+    quick_restore = {  # the killed worker's unacked message comes back within seconds
+        "broker_transport_options": {"visibility_timeout": 3, "unacked_restore_interval": 1,
+                                     "unacked_restore_throttle": 1},
+        "worker_prefetch_multiplier": 1,
+    }
+    # The holder's worker acks on receipt: a short visibility timeout must not restore it.
+    holding = env.worker(pool="prefork", concurrency=1, queues=[held_queue],
+                         env={"CSL_TEST_EARLY_ACK": "1"})
+    doomed = env.worker(pool="prefork", concurrency=2, queues=[follow_queue],
+                        env={"CSL_TEST_CONF": json.dumps(quick_restore)})
+    rescuer = env.worker(pool="prefork", concurrency=2, queues=[follow_queue],
+                         env={"CSL_TEST_CONF": json.dumps(quick_restore)})
+    try:
+        holding.start()
+        doomed.start()
+        holder = semantics.coalesced.apply_async((slot, 30.0), queue=held_queue)
+        env.wait(lambda: len(_started(env, slot)) == 1, 10, "the holder running")
+        triggers = [semantics.coalesced.apply_async((slot, 30.0), queue=follow_queue)
+                    for _ in range(2)]
+        follow, _ = _one_follow_up(env, triggers)
+        doomed.kill()  # while the follow-up waits for the holder, unacknowledged
+        rescuer.start()
+        env.wait(lambda: f"[{follow.id}] received" in rescuer.log_text(), 20,
+                 "the follow-up delivered again to the rescuer")
+        assert len(_started(env, slot)) == 1
+        _go(env, slot, holder.id)
+        env.wait(lambda: len(_started(env, slot)) == 2, 10, "the follow-up running")
+        _go(env, slot, follow.id)
+        assert env.wait_ready([holder.id, follow.id], 10) == ["SUCCESS", "SUCCESS"]
+        runs = _runs(env, slot)
+        assert [run["id"] for run in runs] == [holder.id, follow.id], "the follow-up ran once"
+        assert runs[1]["start"] >= runs[0]["end"]
+    finally:
+        env.stop_workers([holding, doomed, rescuer])

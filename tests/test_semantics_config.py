@@ -54,6 +54,7 @@ def test_until_expired_enqueue_lock_lives_lock_ttl_not_queued_ttl(app: Celery) -
         ({"lock_limit": 3, "lock_mode": "until_expired"}, "while_executing"),
         ({"lock_limit": 3, "lock_mode": "until_executed"}, "while_executing"),
         ({"lock_limit": 2, "lock_mode": "until_and_while_executing"}, "while_executing"),
+        ({"lock_limit": 2, "lock_on_duplicate": "coalesce"}, "coalesce"),
     ],
 )
 def test_bad_lock_limit_raises_lock_config_error_naming_it_at_registration(
@@ -83,3 +84,23 @@ def test_lock_limit_body_holds_a_slot_of_its_key(app: Celery) -> None:
     assert seen[0][1] < seen[1][1]
     node = memory_store(app.conf.singleton_lock_url).nodes[0]
     assert node.pttl_ms(slot_key(key, 0)) == -2, "released when the body ended"
+
+
+@pytest.mark.parametrize("mode", ["until_expired", "until_executing", "until_executed",
+                                  "until_and_while_executing"])
+def test_coalesce_outside_while_executing_raises_naming_lock_on_duplicate(
+    app: Celery, mode: str
+) -> None:
+    with pytest.raises(LockConfigError) as info:
+        app.task(base=LockedTask, shared=False, name="semantics.cfg_bad_coalesce",
+                 lock_on_duplicate="coalesce", lock_mode=mode)(_body)
+    assert info.value.setting == "lock_on_duplicate"
+    assert "coalesce" in str(info.value) and mode in str(info.value)
+
+
+def test_coalesce_setting_with_an_enqueue_mode_names_the_setting(app: Celery) -> None:
+    app.conf.singleton_lock_on_duplicate = "coalesce"
+    with pytest.raises(LockConfigError) as info:
+        app.task(base=LockedTask, shared=False, name="semantics.cfg_bad_coalesce_setting",
+                 lock_mode="until_executed")(_body)
+    assert info.value.setting == "singleton_lock_on_duplicate"

@@ -5,8 +5,12 @@ Every body enters by INCR of ``<slot>:inside`` (keeping the maximum in ``<slot>:
 its run in ``<slot>:runs`` (task id, start, end, pid, worker, the lock key and fencing token it
 held) and leaves by DECR; a body that holds a lock also records it in ``<slot>:started`` on
 entry.
-The lock key is the slot alone. A body holds until the test sets ``<slot>:go`` or ``hold_s``
-passes, so a test can keep holders running while it looks at them.
+The lock key is the slot alone. A body holds until the test sets ``<slot>:go`` (or
+``<slot>:go:<task id>``) or ``hold_s`` passes, so a test can keep holders running while it
+looks at them.
+
+With ``CSL_TEST_EARLY_ACK=1`` the ``coalesce`` task acknowledges its message on receipt, for a
+worker whose holder must not be restored by another worker's short visibility timeout.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ def _body(task: Any, slot: str, hold_s: float) -> str:
     lock = task.lock
     if lock is not None:
         r.rpush(f"{slot}:started", json.dumps({"id": task.request.id, "pid": os.getpid(),
-                                               "key": lock.key, "token": lock.token}))
+                                               "key": lock.key, "token": lock.token,
+                                               "start": start}))
+    go = (f"{slot}:go", f"{slot}:go:{task.request.id}")
     try:
         deadline = time.monotonic() + hold_s
-        while time.monotonic() < deadline and not r.exists(f"{slot}:go"):
+        while time.monotonic() < deadline and not r.exists(*go):
             time.sleep(0.01)
     finally:
         r.decr(f"{slot}:inside")
@@ -60,4 +66,11 @@ def window(self: Any, slot: str, hold_s: float = 0.0) -> str:
           lock_limit=LIMIT, lock_ttl=3.0, lock_on_duplicate="requeue", lock_requeue_delay=0.05,
           lock_requeue_max=100_000)
 def limited(self: Any, slot: str, hold_s: float = 0.0) -> str:
+    return _body(self, slot, hold_s)
+
+
+@app.task(base=LockedTask, bind=True, shared=False, name="semantics.coalesced",
+          lock_key=["slot"], lock_on_duplicate="coalesce", lock_ttl=2.0,
+          acks_late=os.environ.get("CSL_TEST_EARLY_ACK") != "1")
+def coalesced(self: Any, slot: str, hold_s: float = 0.0) -> str:
     return _body(self, slot, hold_s)
