@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import LockConfigError
 from .keys import validate_key_prefix
-from .urls import StoreURL, parse_store_url
+from .urls import StoreURL, parse_store_url, sentinel_from_kombu
 
 __all__ = [
     "DEFAULTS",
@@ -269,11 +269,17 @@ def resolve_store_url(app: Any) -> StoreURL:
     if url is not None:
         return parse_store_url(url, setting="singleton_lock_url")
     broker = app.conf.get("broker_url") or ""
-    if isinstance(broker, str) and broker.split("://", 1)[0] in ("redis", "rediss", "unix"):
+    scheme = broker.split("://", 1)[0].lower() if isinstance(broker, str) else ""
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
         return parse_store_url(broker, setting="broker_url")
+    if scheme == "sentinel":  # kombu's form: sentinel://h1:26379;sentinel://h2:26379
+        options = app.conf.get("broker_transport_options") or {}
+        url = sentinel_from_kombu(broker, options.get("master_name"))
+        return parse_store_url(url, setting="broker_url")
     raise LockConfigError(
         "singleton_lock_url is not set and the broker is not Redis: set "
-        "app.conf.singleton_lock_url to a redis://, rediss://, unix:// or redis+cluster:// URL "
+        "app.conf.singleton_lock_url to a redis://, rediss://, unix://, redis+cluster:// or "
+        "redis+sentinel:// URL "
         "(or a list of Redlock master URLs)",
         setting="singleton_lock_url",
     )

@@ -42,7 +42,7 @@ from ._process import current_pid
 from .errors import LockBackendError, LockConfigError
 from .redlock import MasterReply, RoundOutcome, judge_acquire, judge_owned, quorum, validity_s
 from .renewer import get_renewer
-from .urls import parse_store_url, redact_url
+from .urls import parse_sentinel_url, parse_store_url, redact_url
 
 __all__ = [
     "Call",
@@ -231,6 +231,10 @@ class _Wire:
 
     def send(self, data: bytes) -> None:
         try:
+            if not self.live:
+                # connect() first: a Sentinel-managed connection asks a Sentinel for the
+                # master's address there, which send_packed_command's own connect skips.
+                self.conn.connect()
             self.conn.send_packed_command([data], check_health=False)
         except (RedisError, OSError):
             self.disconnect()
@@ -389,19 +393,43 @@ except ImportError:
     _QUIET_CONNECT = {"lib_name": None, "lib_version": None, "protocol": 2}
 
 
+def _sentinel_pool(url: str, socket_timeout: float) -> Any:
+    """redis-py's pool of connections to the current master behind Sentinel.
+
+    Its connections ask a Sentinel for the master's address when they connect, and a master
+    demoted by a failover (``READONLY``) makes them reconnect, so the store follows failovers.
+    """
+    from redis.sentinel import Sentinel, SentinelConnectionPool
+
+    target = parse_sentinel_url(url)
+    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+    sentinel_kwargs: dict[str, Any] = dict(timeouts)
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **timeouts)
+    return SentinelConnectionPool(
+        target.master_name, sentinel, db=target.db, username=target.username,
+        password=target.password, ssl=target.ssl, **timeouts, **_QUIET_CONNECT,
+    )
+
+
 class RedisNode:
-    """One standalone Redis (a single store, or one Redlock master)."""
+    """One standalone Redis (a single store, one Redlock master, or the master behind
+    Sentinel)."""
 
     def __init__(self, url: str, *, socket_timeout: float) -> None:
         self.url = url
         self.name = redact_url(url)
         try:
-            self.pool = redis.ConnectionPool.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                **_QUIET_CONNECT,
-            )
+            if url.lower().startswith(("redis+sentinel://", "rediss+sentinel://")):
+                self.pool = _sentinel_pool(url, socket_timeout)
+            else:
+                self.pool = redis.ConnectionPool.from_url(
+                    url,
+                    socket_timeout=socket_timeout,
+                    socket_connect_timeout=socket_timeout,
+                    **_QUIET_CONNECT,
+                )
         except (ValueError, TypeError) as exc:
             raise LockConfigError(
                 f"cannot use lock store URL {self.name!r}: {redact_url(str(exc))}",
