@@ -863,36 +863,48 @@ class Store:
         """
         ttl_ms = max(1, int(ttl_s * 1000))
         slots = [slot_key(key, i) for i in range(limit)]
+        keys = (fence_key_for(key), *slots)
         args: list[Any] = [token, ttl_ms, self.fence_ttl_ms]
         for field, value in metadata:
             args.extend((field, value))
+        # Packed once for every master, the caller's fixed metadata already packed.
+        body = _pack_args(("EVALSHA", SCRIPTS["acquire_slot"].sha, len(keys), *keys, *args))
         if fixed is not None:
             args.extend(fixed.flat)
+            body += fixed.packed
+        calls = [Call("acquire_slot", keys, tuple(args))]
+        packed = b"*%d\r\n%b" % (len(args) + len(keys) + 3, body)
         started = self.clock()
-        replies = [r[0] for r in self.fanout([Call.run("acquire_slot",
-                                                       (fence_key_for(key), *slots), args)])]
+        pending = [node.send(calls, packed) for node in self.nodes]
+        replies = [p.receive()[0] for p in pending]
         parsed = [self._acquire_reply(r) for r in replies]
         granted = [_as_int(r[2]) if p.acquired else None for r, p in zip(replies, parsed,
                                                                           strict=True)]
-        counts = Counter(g for g in granted if g is not None)
-        chosen = min(counts, key=lambda g: (-counts[g], g)) if counts else None
-        # A master that granted another slot counts as one where the chosen slot is not ours.
-        parsed = [p if g == chosen else MasterReply() if g is not None else p
-                  for p, g in zip(parsed, granted, strict=True)]
+        chosen = granted[0]
+        if chosen is None or any(g != chosen for g in granted):  # not one slot everywhere
+            counts = Counter(g for g in granted if g is not None)
+            chosen = min(counts, key=lambda g: (-counts[g], g)) if counts else None
+            # A master that granted another slot counts as one where the chosen slot is not
+            # ours.
+            parsed = [p if g == chosen else MasterReply() if g is not None else p
+                      for p, g in zip(parsed, granted, strict=True)]
         outcome = judge_acquire(parsed, ttl_s, self.clock() - started)
         if outcome.acquired and outcome.fences_disagree:
             outcome = self._raise_fences(key, parsed, outcome, ttl_s, started)
-        undo: dict[str, list[int]] = {}
-        for i, g in enumerate(granted):
-            if g is not None and (g != chosen or not outcome.acquired):
-                undo.setdefault(slots[g], []).append(i)
-            elif g is None and parsed[i].error is not None and not outcome.acquired:
-                for slot in slots:  # no answer: it may have taken any slot, late
-                    undo.setdefault(slot, []).append(i)
-        for slot, nodes in undo.items():
-            self.release(slot, token, nodes=nodes, deadline=started + ttl_s)
-        errors = tuple(f"{n.name}: {redact_url(str(r.error))}"
-                       for n, r in zip(self.nodes, parsed, strict=True) if r.error is not None)
+        errors: tuple[str, ...] = ()
+        if not outcome.acquired or outcome.granted < len(parsed):
+            undo: dict[str, list[int]] = {}
+            for i, g in enumerate(granted):
+                if g is not None and (g != chosen or not outcome.acquired):
+                    undo.setdefault(slots[g], []).append(i)
+                elif g is None and parsed[i].error is not None and not outcome.acquired:
+                    for slot in slots:  # no answer: it may have taken any slot, late
+                        undo.setdefault(slot, []).append(i)
+            for slot, nodes in undo.items():
+                self.release(slot, token, nodes=nodes, deadline=started + ttl_s)
+            errors = tuple(f"{n.name}: {redact_url(str(r.error))}"
+                           for n, r in zip(self.nodes, parsed, strict=True)
+                           if r.error is not None)
         return AcquireResult(
             acquired=outcome.acquired,
             fence=outcome.fence,
