@@ -5,7 +5,7 @@ One event per transition, sent from the process where it happens:
 ==========================  ====================================================================
 ``task-lock-acquired``      a task took its lock (``task_id``, ``mode``, ``ttl``, ``fence``)
 ``task-lock-duplicate``     a duplicate was turned away (``task_id``, ``holder_id``, ``policy``:
-                            ``reject`` or ``requeue``)
+                            ``reject`` or ``requeue``), or queued as the follow-up (``coalesce``)
 ``task-lock-released``      a lock was let go (``task_id``, ``reason``, ``renewals``)
 ``task-lock-lost``          renewal found the lock gone while its task ran (``task_id``,
                             ``reason``, ``renewals``)

@@ -15,7 +15,7 @@ Series (every name starts with ``celery_singleton_lock_``):
 ``scan_truncated``                                 1 if the read stopped at ``scan_limit`` keys
 ``acquisitions_total{task}``                       ``task-lock-acquired`` events
 ``duplicates_total{task,policy}``                  ``task-lock-duplicate`` events (``reject``,
-                                                   ``requeue``)
+                                                   ``requeue``, ``coalesce``)
 ``releases_total{task,reason}``                    ``task-lock-released`` events
 ``renewals_total{task}``                           renewals of the locks released (the
                                                    ``renewals`` field of those events)

@@ -354,6 +354,8 @@ class LockedTask(Task):
         waiting = store.follow(key, req.id, ttl_s)
         if waiting is not None:
             self._reject(key, waiting, req)
+        signals.lock_duplicate.send(sender=self, lock_key=key, task_id=req.id,
+                                    holder_id=result.holder, policy="coalesce")
         lease: Lease | None = None
         lost_to: list[str] = []
 

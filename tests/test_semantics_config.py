@@ -3,6 +3,7 @@ registration, and what an enqueue writes to the (in-memory) lock store."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -10,9 +11,10 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_singleton_lock import LockConfigError, LockedTask
+from celery_singleton_lock import DuplicateTaskError, LockConfigError, LockedTask, signals
 from celery_singleton_lock.memory import memory_store
 from celery_singleton_lock.store import slot_key
+from tests.servers import wait_until
 
 # Every task here is made with shared=False: a shared task would be added to every app
 # finalized later in the session.
@@ -104,3 +106,47 @@ def test_coalesce_setting_with_an_enqueue_mode_names_the_setting(app: Celery) ->
         app.task(base=LockedTask, shared=False, name="semantics.cfg_bad_coalesce_setting",
                  lock_mode="until_executed")(_body)
     assert info.value.setting == "singleton_lock_on_duplicate"
+
+
+def test_coalesce_follow_up_runs_after_the_holder_and_later_duplicates_name_it(
+    app: Celery,
+) -> None:
+    """In one process (threads, the in-memory store): the follow-up is told apart by the
+    ``lock_duplicate`` signal, and a third run is rejected naming it."""
+    go = threading.Event()
+    order: list[str] = []
+
+    def body(self: Any, slot: str) -> str:
+        order.append(f"start {self.request.id}")
+        if self.request.id == "holder":
+            go.wait(10)
+        order.append(f"end {self.request.id}")
+        return str(self.request.id)
+
+    task: Any = app.task(base=LockedTask, bind=True, shared=False, name="semantics.cfg_coalesce",
+                         lock_on_duplicate="coalesce", lock_wait_timeout=10.0)(body)
+    seen: list[dict[str, Any]] = []
+
+    def record(sender: Any = None, **kwargs: Any) -> None:
+        seen.append(kwargs)
+
+    signals.lock_duplicate.connect(record, weak=False)
+    try:
+        holder = threading.Thread(target=lambda: task.apply(("a",), task_id="holder"))
+        holder.start()
+        wait_until(lambda: order == ["start holder"], 5)
+        follow = threading.Thread(target=lambda: task.apply(("a",), task_id="follow"))
+        follow.start()
+        wait_until(lambda: [s["policy"] for s in seen] == ["coalesce"], 5)
+        task.apply(("a",), task_id="third")
+        third = task.AsyncResult("third")  # what the result backend stored
+        assert third.state == "REVOKED"
+        assert isinstance(third.result, DuplicateTaskError)
+        assert third.result.holder_id == "follow"
+        go.set()
+        holder.join(10)
+        follow.join(10)
+    finally:
+        signals.lock_duplicate.disconnect(record)
+    assert order == ["start holder", "end holder", "start follow", "end follow"]
+    assert seen[0]["task_id"] == "follow" and seen[0]["holder_id"] == "holder"
