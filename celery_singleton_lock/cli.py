@@ -487,6 +487,10 @@ def key(ctx: click.Context, task_name: str, args_json: str, kwargs_json: str,
     except LockBackendError as exc:
         raise _backend_error(exc) from None
     plan = _MODE_LOCKS.get(mode, (("lock", "", ""),))
+    limit = task.lock_options.limit
+    if limit > 1:  # lock_limit: a lock per holder, one slot key each
+        plan = tuple((f"slot {i}", f":slot:{i}", f"one of {limit} that may be held at once")
+                     for i in range(limit))
     found = []
     for role, suffix, when in plan:
         lock_key = base + suffix

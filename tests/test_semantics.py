@@ -19,6 +19,7 @@ from celery.signals import after_task_publish
 from celery_singleton_lock import DuplicateTaskError
 from celery_singleton_lock.store import slot_key
 from tests.apps import semantics
+from tests.test_cli import run_cli
 from tests.workers import CeleryWorker, TaskEnv, open_task_env, poll_gone
 
 pytestmark = pytest.mark.slow
@@ -161,6 +162,14 @@ def test_until_expired_task_sent_without_its_lock_opens_a_window_or_is_a_duplica
 # -- lock_limit: up to N holders of one key ----------------------------------------------------
 
 
+def _locks_cli(env: TaskEnv, *args: str) -> str:
+    """``celery -A tests.apps.semantics locks ARGS``; its stdout."""
+    proc = run_cli(env.lock_url, *args, broker=env.broker_url, backend=env.backend_url,
+                   app_module="tests.apps.semantics")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def _slot_keys(key: str) -> list[str]:
     return [slot_key(key, i) for i in range(semantics.LIMIT)]
 
@@ -203,6 +212,14 @@ def test_lock_limit_killed_child_frees_only_its_own_slot(
              "three holders inside")
     started = [json.loads(r) for r in env.records.lrange(f"{slot}:started", 0, -1)]
     assert sorted(s["key"] for s in started) == _slot_keys(key)
+    # celery locks: a row per holder, and a slot per holder in `locks key`.
+    listed = json.loads(_locks_cli(env, "list", "--task", "semantics.limited", "--json"))
+    assert sorted(row["task_id"] for row in listed if row["key"].startswith(key)) == sorted(
+        r.id for r in holders)
+    shown = json.loads(_locks_cli(env, "key", "semantics.limited", json.dumps([slot]), "--json"))
+    assert [(lock["role"], lock["key"], lock["held"]) for lock in shown["locks"]] == [
+        (f"slot {i}", slot_key(key, i), True) for i in range(semantics.LIMIT)]
+    assert {lock["holder"]["task_id"] for lock in shown["locks"]} == {r.id for r in holders}
     victim, *others = started
     os.kill(victim["pid"], signal.SIGKILL)
     gone = poll_gone(env.lock_client, victim["key"], 2.0)
