@@ -41,7 +41,9 @@ PAYLOAD_SIZE = 2048
 
 _SEQ = struct.Struct("<Q")
 _HEAD = struct.Struct("<QIII4x")  # seq, pid, length, crc32
-_MAIN = struct.Struct("<QI4x")  # seq of the renewed post, renewals
+_MAIN = struct.Struct("<QI4x")  # seq of the renewed post, renewals (| LOST_FLAG)
+#: Set in a post's renewal count once the main process found its lock lost (and said so).
+LOST_FLAG = 1 << 31
 _LENGTH_AT = 12  # offset of ``length`` in a header
 
 
@@ -86,13 +88,20 @@ class LeaseBoard:
 
     def clear(self, slot: int, seq: int) -> int:
         """Empty the slot posted as ``seq``; the renewals the main process made meanwhile."""
+        return self.clear_and_read(slot, seq)[0]
+
+    def clear_and_read(self, slot: int, seq: int) -> tuple[int, bool]:
+        """Empty the slot posted as ``seq``: (the main process's renewals of it, whether the
+        main process found its lock lost and reported it)."""
         mem = self.mem
         renewed_seq, renewals = _MAIN.unpack_from(mem, self._mains + slot * _MAIN.size)
         head = slot * _HEAD.size
         _SEQ.pack_into(mem, head, seq + 1)
         struct.pack_into("<I", mem, head + _LENGTH_AT, 0)
         _SEQ.pack_into(mem, head, seq + 2)
-        return renewals if renewed_seq == seq else 0
+        if renewed_seq != seq:
+            return 0, False
+        return renewals & ~LOST_FLAG, bool(renewals & LOST_FLAG)
 
     # -- the main process's side -------------------------------------------------------------
 
@@ -125,9 +134,11 @@ class LeaseBoard:
     def pid_of(self, slot: int) -> int:
         return int(_HEAD.unpack_from(self.mem, slot * _HEAD.size)[1])
 
-    def renewed(self, slot: int, seq: int, renewals: int) -> None:
-        """Record, for the child, how often the main process renewed post ``seq``."""
-        _MAIN.pack_into(self.mem, self._mains + slot * _MAIN.size, seq, renewals)
+    def renewed(self, slot: int, seq: int, renewals: int, *, lost: bool = False) -> None:
+        """Record, for the child, how often the main process renewed post ``seq`` (and
+        whether it found the lock lost, so that the child does not report it again)."""
+        value = (renewals & ~LOST_FLAG) | (LOST_FLAG if lost else 0)
+        _MAIN.pack_into(self.mem, self._mains + slot * _MAIN.size, seq, value)
 
     def free(self, slot: int) -> None:
         """Empty a slot read whole whose child is gone (a child only writes empty slots)."""

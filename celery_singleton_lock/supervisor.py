@@ -184,6 +184,7 @@ class Supervisor:
     def _lost(self, lease: Lease, msg: dict[str, Any]) -> None:
         with self._mutex:
             self.held.pop((lease.key, lease.token), None)
+        self.board.renewed(msg["slot"], msg["seq"], lease.renewals, lost=True)
         self._on_lost(lease, msg)
 
     # -- endings seen only here ------------------------------------------------------------
@@ -257,9 +258,10 @@ class ChildPoster:
         """Post a lock; a handle for :meth:`clear`, or None if there is no room for it."""
         return self.board.post(self.index, current_pid(), msg)
 
-    def clear(self, handle: tuple[int, int]) -> int:
-        """Take the post down (before the release); the main process's renewals of it."""
-        return self.board.clear(*handle)
+    def clear(self, handle: tuple[int, int]) -> tuple[int, bool]:
+        """Take the post down (before the release): the main process's renewals of it, and
+        whether the main process found the lock lost (and reported it)."""
+        return self.board.clear_and_read(*handle)
 
 
 _supervisor: Supervisor | None = None

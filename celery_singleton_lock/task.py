@@ -513,7 +513,9 @@ class LockedTask(Task):
         if held.post is not None:
             poster = current_poster()
             if poster is not None:
-                held.lease.renewals = poster.clear(held.post)
+                held.lease.renewals, lost = poster.clear(held.post)
+                if lost:  # reported by the main process: not again at release
+                    held.lease.lost = True
             held.post = None
         elif held.lease.registered:
             get_renewer().remove(held.lease)
@@ -524,7 +526,9 @@ class LockedTask(Task):
             self._stop_renewal(held)
             if held.kept:  # until_executed retry: the lock went back to the queued message
                 return
-            if lease.store.clock() >= lease.valid_until and not lease.lost:
+            if lease.lost:  # already reported lost: release what may be left, quietly
+                released = lease.release(wait=False)
+            elif lease.store.clock() >= lease.valid_until:
                 # Not known valid any more (a pool child's lease is renewed by the main
                 # process, so: the body ran past its ttl): wait for the masters' answer, and
                 # a lock that had expired (its process stopped past its ttl) is reported lost.

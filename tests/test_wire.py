@@ -168,6 +168,15 @@ def test_board_post_read_clear() -> None:
     slot2, seq2 = board.post(1, 4242, _msg(2)) or (0, 0)
     assert slot2 == slot and seq2 > seq
     assert board.clear(slot2, seq2) == 0
+    # The main process marks a post whose lock it found lost, so the child does not say so again.
+    got3 = board.post(0, os.getpid(), {"key": "k3", "token": new_token()})
+    assert got3 is not None
+    board.renewed(*got3, 4, lost=True)
+    assert board.clear_and_read(*got3) == (4, True)
+    got4 = board.post(0, os.getpid(), {"key": "k4", "token": new_token()})
+    assert got4 is not None
+    board.renewed(*got4, 2)
+    assert board.clear_and_read(*got4) == (2, False)
 
 
 def test_board_never_overwrites_a_post_and_refuses_what_does_not_fit() -> None:
