@@ -264,7 +264,11 @@ def test_expired_lock_is_free_for_another_holder(backend: Backend, name: str) ->
     assert other.acquire(blocking=False) is False
     wait_until(lambda: other.acquire(blocking=False), 3.0, message="the expired lock to be free")
     assert time.monotonic() - started >= 0.25  # it did live for its ttl
-    assert backend.tokens(other.key) == [other.token] * backend.n_masters
+    # A quorum holds the new lock; a master whose copy of the old one outlived the others by a
+    # few milliseconds (a loaded machine) may have refused it, as Redlock allows.
+    tokens = backend.tokens(other.key)
+    assert tokens.count(other.token) >= backend.n_masters // 2 + 1, tokens
+    assert set(tokens) <= {other.token, holder.token, None}, tokens
     assert holder.owned() is False
     assert other.release()
 
