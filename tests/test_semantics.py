@@ -236,6 +236,34 @@ def test_lock_limit_killed_child_frees_only_its_own_slot(
              "the other holders' slots released")
 
 
+def test_lock_limit_terminate_and_hard_time_limit_free_only_their_own_slots_within_1s(
+    env: TaskEnv, worker: CeleryWorker, second_worker: CeleryWorker
+) -> None:
+    slot = _slot()
+    key = semantics.limited.lock_key_for(slot)
+    terminated = semantics.limited.delay(slot, 30.0)
+    timed = semantics.limited.apply_async((slot, 30.0), time_limit=3)
+    kept = semantics.limited.delay(slot, 30.0)
+    env.wait(lambda: env.records.llen(f"{slot}:started") == semantics.LIMIT, 15,
+             "three holders inside")
+    started = {s["id"]: s for s in map(json.loads, env.records.lrange(f"{slot}:started", 0, -1))}
+    assert sorted(s["key"] for s in started.values()) == _slot_keys(key)
+
+    terminated.revoke(terminate=True)
+    revoked_at = time.time()
+    assert poll_gone(env.lock_client, started[terminated.id]["key"], 5.0) - revoked_at < 1.0
+    timed_start = started[timed.id]["start"]
+    gone = poll_gone(env.lock_client, started[timed.id]["key"], 10.0)
+    assert 3.0 <= gone - timed_start < 3.0 + 1.0 + 0.5  # the hard limit, then within 1 s
+    # The third holder's slot was never touched.
+    assert env.lock_client.hget(started[kept.id]["key"], "token") == started[kept.id]["token"]
+    env.records.set(f"{slot}:go", 1)
+    assert env.wait_ready([kept.id], 15) == ["SUCCESS"]
+    assert env.states([terminated.id, timed.id]) == ["REVOKED", "FAILURE"]
+    env.wait(lambda: not any(env.lock_client.exists(k) for k in _slot_keys(key)), 2,
+             "every slot released")
+
+
 # -- coalesce: one follow-up after the running holder ------------------------------------------
 
 
