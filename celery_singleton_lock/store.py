@@ -645,6 +645,21 @@ class Renewal(NamedTuple):
     metadata: tuple[tuple[str, Any], ...] = ()
 
 
+def _acquire_result(outcome: RoundOutcome, started: float, errors: tuple[str, ...],
+                    key: str = "") -> AcquireResult:
+    return AcquireResult(
+        acquired=outcome.acquired,
+        fence=outcome.fence,
+        validity_s=outcome.validity_s,
+        started=started,
+        holder=outcome.holder or None,
+        holder_pttl_ms=outcome.holder_pttl_ms,
+        backend_down=outcome.backend_down,
+        errors=errors,
+        key=key,
+    )
+
+
 class AcquireInFlight:
     """An acquire sent to every master whose replies are not read yet (:meth:`finish`)."""
 
@@ -902,20 +917,9 @@ class Store:
                         undo.setdefault(slot, []).append(i)
             for slot, nodes in undo.items():
                 self.release(slot, token, nodes=nodes, deadline=started + ttl_s)
-            errors = tuple(f"{n.name}: {redact_url(str(r.error))}"
-                           for n, r in zip(self.nodes, parsed, strict=True)
-                           if r.error is not None)
-        return AcquireResult(
-            acquired=outcome.acquired,
-            fence=outcome.fence,
-            validity_s=outcome.validity_s,
-            started=started,
-            holder=outcome.holder or None,
-            holder_pttl_ms=outcome.holder_pttl_ms,
-            backend_down=outcome.backend_down,
-            errors=errors,
-            key=slots[chosen] if outcome.acquired and chosen is not None else "",
-        )
+            errors = self._master_errors(parsed)
+        key_taken = slots[chosen] if outcome.acquired and chosen is not None else ""
+        return _acquire_result(outcome, started, errors, key_taken)
 
     def begin_acquire(
         self,
@@ -958,23 +962,18 @@ class Store:
             outcome = self._raise_fences(key, parsed, outcome, ttl_s, started)
         errors: tuple[str, ...] = ()
         if outcome.granted < len(parsed):
-            errors = tuple(f"{n.name}: {redact_url(str(r.error))}"
-                           for n, r in zip(self.nodes, parsed, strict=True) if r.error is not None)
+            errors = self._master_errors(parsed)
         if not outcome.acquired:
             # Undo partial grants; masters that did not answer may have applied it late.
             touched = [i for i, r in enumerate(parsed) if r.acquired or r.error is not None]
             if touched:
                 self.release(key, token, nodes=touched, deadline=started + ttl_s)
-        return AcquireResult(
-            acquired=outcome.acquired,
-            fence=outcome.fence,
-            validity_s=outcome.validity_s,
-            started=started,
-            holder=outcome.holder or None,
-            holder_pttl_ms=outcome.holder_pttl_ms,
-            backend_down=outcome.backend_down,
-            errors=errors,
-        )
+        return _acquire_result(outcome, started, errors)
+
+    def _master_errors(self, parsed: Sequence[MasterReply]) -> tuple[str, ...]:
+        """Why each master that failed did, named and redacted, for a LockBackendError."""
+        return tuple(f"{n.name}: {redact_url(str(r.error))}"
+                     for n, r in zip(self.nodes, parsed, strict=True) if r.error is not None)
 
     def _acquire_reply(self, reply: Any) -> MasterReply:
         if isinstance(reply, BaseException):
