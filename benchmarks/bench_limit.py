@@ -31,16 +31,17 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from celery_singleton_lock.lock import try_acquire  # noqa: E402
-from celery_singleton_lock.store import PackedArgs, Store  # noqa: E402
+from celery_singleton_lock.backends.base import FixedMetadata, LockBackend  # noqa: E402
+from celery_singleton_lock.backends.registry import open_backend  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 
 TTL_S = 10.0
 #: The lock hash fields a LockedTask writes with every acquire, packed once as it packs them.
-FIXED = PackedArgs.of([("task", "bench.limit"), ("hostname", "bench"), ("mode", "while_executing"),
+FIXED = FixedMetadata([("task", "bench.limit"), ("hostname", "bench"), ("mode", "while_executing"),
                        ("ttl", TTL_S), ("renewals", 0), ("pid", 1)])
 
 
-def cycle_of(store: Store, key: str, limit: int, busy: int) -> Callable[[], None]:
+def cycle_of(store: LockBackend, key: str, limit: int, busy: int) -> Callable[[], None]:
     """One acquire and one release; ``busy`` other holders keep their slots meanwhile."""
     for i in range(busy):
         lease, _ = try_acquire(store, key, 600.0, owner=f"busy{i}", limit=limit)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(RedisServer()) for _ in range(3)]
-        stores = {n: Store.from_url(servers[0].url if n == 1 else [s.url for s in servers])
+        stores = {n: open_backend(servers[0].url if n == 1 else [s.url for s in servers])
                   for n in (1, 3)}
         for store in stores.values():
             stack.callback(store.close)

@@ -84,7 +84,8 @@ import redis  # noqa: E402
 from celery import Celery  # noqa: E402
 
 from celery_singleton_lock import LockedTask  # noqa: E402
-from celery_singleton_lock.store import FENCE_TTL_MS, SCRIPTS  # noqa: E402
+from celery_singleton_lock.backends.base import FENCE_TTL_MS  # noqa: E402
+from celery_singleton_lock.backends.redis.wire import SCRIPTS  # noqa: E402
 
 #: Environment the worker reads its URLs from (set by this script).
 ENV_BROKER, ENV_BACKEND, ENV_LOCKS = "CSL_BENCH_BROKER", "CSL_BENCH_BACKEND", "CSL_BENCH_LOCKS"

@@ -39,7 +39,8 @@ from .keys import name_key, validate_key_prefix
 from .lease import Lease
 from .lock import Redlock, check_ttl
 from .settings import DEFAULTS, check_renewable_ttl, register_defaults, resolve_store_url
-from .store import Call, Store, get_store
+from .backends.base import Capability, LockBackend, require
+from .backends.registry import get_backend as get_store
 
 __all__ = ["SingletonSchedulerMixin", "LockedScheduler"]
 
@@ -87,8 +88,10 @@ class SingletonSchedulerMixin:
                             "singleton_lock_socket_timeout")
         check_renewable_ttl(self._beat_ttl, "singleton_lock_beat_ttl", timeout)
         prefix = validate_key_prefix(conf.get("singleton_lock_key_prefix") or "csl")
-        self._beat_store: Store = get_store(resolve_store_url(app), socket_timeout=timeout,
-                                            setting="singleton_lock_url")
+        self._beat_store: LockBackend = get_store(resolve_store_url(app), socket_timeout=timeout,
+                                                  setting="singleton_lock_url")
+        require(self._beat_store, Capability.BEAT, "LockedScheduler (beat's leader lock and "
+                "once-per-due-time claims)", "singleton_lock_url")
         name = self.singleton_lock_name or app.main or "celery"
         self._beat_key = name_key(prefix, f"beat:{name}")
         self._state_key = f"{self._beat_key}:schedule"
@@ -131,20 +134,7 @@ class SingletonSchedulerMixin:
 
     def _load_shared_state(self) -> None:
         """Take every entry's last run time from the shared state (the newest of all masters)."""
-        replies = self._beat_store.fanout([Call.plain("HGETALL", self._state_key)])
-        newest: dict[str, float] = {}
-        for reply in replies:
-            value = reply[0]
-            if isinstance(value, BaseException) or not value:
-                continue
-            if isinstance(value, dict):
-                pairs = list(value.items())
-            else:
-                pairs = list(zip(value[::2], value[1::2], strict=True))
-            for k, v in pairs:
-                name = k.decode() if isinstance(k, bytes) else str(k)
-                ts = float(v)
-                newest[name] = max(ts, newest.get(name, 0.0))
+        newest = self._beat_store.last_runs(self._state_key)
         for name, entry in list(self.schedule.items()):
             shared = newest.get(name)
             if shared is not None and shared > _timestamp(entry.last_run_at) + 0.0005:
@@ -172,14 +162,11 @@ class SingletonSchedulerMixin:
             timezone.utc).timestamp()
         if now <= previous:
             now = datetime.now(timezone.utc).timestamp()
-        call = Call.run("beat_claim", (self._beat_key, self._state_key),
-                        (leader.token, entry.name, f"{previous:.6f}", f"{now:.6f}"))
-        replies = self._beat_store.fanout([call])
-        votes = [r[0] for r in replies if not isinstance(r[0], BaseException)]
-        granted = sum(1 for v in votes if int(v) == 1)
-        if granted >= self._beat_store.quorum:
+        vote = self._beat_store.claim_run(self._beat_key, leader.token, self._state_key,
+                                          entry.name, previous, now)
+        if vote == 1:
             return True
-        if any(int(v) == -1 for v in votes):
+        if vote == -1:
             logger.warning("beat: not the leader any more; %s not sent", entry.name)
             self._leader = None
         else:

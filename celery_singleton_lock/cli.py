@@ -50,7 +50,8 @@ from .errors import LockBackendError, LockConfigError, LockKeyError
 from .inventory import LockRecord, list_locks, purge_locks, read_lock, release_lock
 from .keys import validate_key_prefix
 from .settings import register_defaults, resolve_store_url
-from .store import Store
+from .backends.base import LockBackend
+from .backends.registry import open_backend
 from .urls import redact_url
 
 __all__ = ["locks"]
@@ -71,7 +72,7 @@ class _Context:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self._store: Store | None = None
+        self._store: LockBackend | None = None
 
     @property
     def prefix(self) -> str:
@@ -82,15 +83,15 @@ class _Context:
             raise _config_error(exc) from None
 
     @property
-    def store(self) -> Store:
+    def store(self) -> LockBackend:
         if self._store is None:
             register_defaults(self.app)
             try:
                 url = resolve_store_url(self.app)
                 timeout = max(float(self.app.conf.get("singleton_lock_socket_timeout") or 0),
                               CLI_SOCKET_TIMEOUT_S)
-                self._store = Store.from_url(url, socket_timeout=timeout,
-                                             setting="singleton_lock_url")
+                self._store = open_backend(url, socket_timeout=timeout,
+                                           setting="singleton_lock_url")
             except LockConfigError as exc:
                 raise _config_error(exc) from None
             except LockBackendError as exc:

@@ -61,7 +61,8 @@ from .errors import LockBackendError, LockConfigError
 from .inventory import read_lock
 from .keys import validate_key_prefix, validate_lock_key_option
 from .settings import LockOptions, check_seconds
-from .store import Store, get_store
+from .backends.base import LockBackend
+from .backends.registry import get_backend as get_store
 from .task import LockedTask, run_signature
 from .urls import StoreURL, parse_store_url
 
@@ -163,10 +164,10 @@ class _OwnStore:
     def __init__(self, url: StoreURL, setting: str) -> None:
         self.url = url
         self.setting = setting
-        self._store: Store | None = None
+        self._store: LockBackend | None = None
         self._pid = 0
 
-    def get(self, socket_timeout: float) -> Store:
+    def get(self, socket_timeout: float) -> LockBackend:
         store = self._store
         if store is None or self._pid != current_pid():
             store = get_store(self.url, socket_timeout=socket_timeout, setting=self.setting)
@@ -205,7 +206,7 @@ class _CompatTask(LockedTask):
         return cached[1]
 
     @property
-    def lock_store(self) -> Store:
+    def lock_store(self) -> LockBackend:
         own = self._compat_store
         if own is None:
             return super().lock_store

@@ -15,7 +15,7 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
 from . import signals
 from .lease import Lease
-from .store import Store
+from .backends.base import LockBackend
 from .supervisor import current_supervisor, start_supervisor, stop_supervisor
 
 __all__ = ["install", "check_store", "hide_lock_url_password", "release_enqueue_lock"]
@@ -48,10 +48,10 @@ def _task(name: str) -> Any:
     return _app.tasks.get(name)
 
 
-def _store_for(task_name: str) -> Store | None:
+def _store_for(task_name: str) -> LockBackend | None:
     task = _task(task_name)
     store = getattr(task, "lock_store", None)
-    return store if isinstance(store, Store) else None
+    return store if isinstance(store, LockBackend) else None
 
 
 def _main_lost(lease: Lease, msg: dict[str, Any]) -> None:
@@ -139,7 +139,7 @@ def check_store(app: Any) -> bool:
     """
     from .errors import LockConfigError
     from .settings import resolve_options, resolve_store_url
-    from .store import get_store
+    from .backends.registry import get_backend as get_store
     from .task import requeue_span_s
 
     try:
@@ -219,7 +219,7 @@ def release_enqueue_lock(request: Any, sender: Any) -> None:
     if not token:
         return
     key = task.lock_key_for(*(request.args or ()), **(request.kwargs or {}))
-    if task.lock_store.release(key, str(token)) >= task.lock_store.quorum:
+    if task.lock_store.release(key, str(token)):
         signals.lock_released.send(sender=task, lock_key=key, task_id=request.id,
                                    reason="revoked")
 

@@ -532,3 +532,35 @@ def _has_hash_tag(text: str) -> bool:
     """Whether Redis Cluster hashes ``text`` by a tag: the first "{", the next "}", not empty."""
     start = text.find("{")
     return start >= 0 and text.find("}", start + 1) > start + 1
+
+
+# -- keys beside a lock (its store keeps them next to the lock key, in its hash slot) --------
+
+def channel_for(key: str) -> str:
+    """The pub/sub channel on which a release of ``key`` is announced to waiters (a slot's
+    release is announced on its lock's channel)."""
+    return f"{slot_base(key)}:released"
+
+
+def fence_key_for(key: str) -> str:
+    """The fencing counter of ``key``; it shares the key's hash tag, so one cluster slot. The
+    slots of one lock share the lock's counter."""
+    return f"{slot_base(key)}:fence"
+
+
+def follow_key_for(key: str) -> str:
+    """Where the task id of ``key``'s one follow-up (``coalesce``) is kept (same hash tag)."""
+    return f"{key}:next"
+
+
+_SLOT_SUFFIX = re.compile(r"(?<=\}):slot:\d+$")
+
+
+def slot_key(key: str, index: int) -> str:
+    """Slot ``index`` of a lock that several holders may hold at once (``lock_limit``)."""
+    return f"{key}:slot:{index}"
+
+
+def slot_base(key: str) -> str:
+    """The lock a slot key belongs to (``key`` itself when it is not a slot key)."""
+    return _SLOT_SUFFIX.sub("", key) if key.endswith(tuple("0123456789")) else key

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .redlock import drift_s
 
 if TYPE_CHECKING:
-    from .store import Renewal, Store
+    from .backends.base import LockBackend, Renewal
 
 __all__ = ["Lease"]
 
@@ -28,7 +28,7 @@ class Lease:
 
     def __init__(
         self,
-        store: Store,
+        store: LockBackend,
         key: str,
         token: str,
         ttl_s: float,
@@ -83,7 +83,7 @@ class Lease:
 
     def renewal(self, ttl_ms: int | None = None) -> Renewal:
         """This lock as :meth:`Store.extend_many` renews it (and puts it back where gone)."""
-        from .store import Renewal
+        from .backends.base import Renewal
 
         ttl_ms = self.ttl_ms if ttl_ms is None else ttl_ms
         metadata = (("owner", self.owner), ("task", self.task_name), ("ttl", self.ttl_s),
@@ -148,7 +148,7 @@ class Lease:
         """Compare-and-delete on every master. False if the lock was no longer ours.
 
         With ``wait=False`` the release is sent without waiting for the masters' replies
-        (:meth:`Store.release_later`), and the answer is whether the lock was believed held;
+        (:meth:`LockBackend.release_later`), and the answer is whether the lock was believed held;
         ``on_lost()`` is called when the replies show it had been taken by another.
         """
         with self._lock:
@@ -164,7 +164,7 @@ class Lease:
                                      on_lost=on_lost)
             return not self.lost
         released = self.store.release(self.key, self.token, deadline=self.valid_until + 1.0)
-        return released >= self.store.quorum and not self.lost
+        return released and not self.lost
 
     def __repr__(self) -> str:
         state = "lost" if self.lost else "released" if self.released else "held"

@@ -19,7 +19,8 @@ from .keys import name_key, validate_key_prefix
 from .lease import Lease
 from .renewer import get_renewer
 from .settings import check_renewable_ttl
-from .store import AcquireResult, PackedArgs, Store, get_store
+from .backends.base import AcquireResult, FixedMetadata, LockBackend
+from .backends.registry import get_backend as get_store
 
 __all__ = ["Redlock", "check_ttl", "try_acquire"]
 
@@ -29,10 +30,10 @@ _HOSTNAME = socket.gethostname()
 
 
 def try_acquire(
-    store: Store,
+    store: LockBackend,
     key: str,
     ttl_s: float,
-    fixed: PackedArgs | None = None,
+    fixed: FixedMetadata | None = None,
     *,
     owner: str = "",
     task_name: str = "",
@@ -93,7 +94,7 @@ class Redlock:
         key_prefix: str = "csl",
         renew: bool = False,
         socket_timeout: float = 0.2,
-        store: Store | None = None,
+        store: LockBackend | None = None,
         key: str | None = None,
         owner: str = "",
         metadata: dict[str, Any] | None = None,
@@ -131,7 +132,7 @@ class Redlock:
         self._static_meta = [*self._metadata.items(), ("ttl", self.ttl), ("renewals", 0)]
         self._on_lost = on_lost
         #: (pid, the fixed metadata packed for that process), made at the first attempt.
-        self._fixed: tuple[int, PackedArgs] | None = None
+        self._fixed: tuple[int, FixedMetadata] | None = None
         self._lease: Lease | None = None
         #: The outcome of the last failed attempt (holder id, ttl left), if any.
         self.last_attempt: AcquireResult | None = None
@@ -162,7 +163,7 @@ class Redlock:
         fixed = self._fixed
         if fixed is None or fixed[0] != current_pid():
             pid = current_pid()
-            fixed = self._fixed = (pid, PackedArgs.of([*self._static_meta, ("pid", pid)]))
+            fixed = self._fixed = (pid, FixedMetadata([*self._static_meta, ("pid", pid)]))
         task_name = str(self._metadata.get("task", ""))
         lease, result = try_acquire(self.store, self.key, self.ttl, fixed[1], owner=self.owner,
                                     task_name=task_name)
@@ -226,11 +227,7 @@ class Redlock:
 
     def locked(self) -> bool:
         """True when anyone holds this key on a quorum of masters."""
-        from .store import Call
-
-        replies = self.store.fanout([Call.plain("HGET", self.key, "token")])
-        held = sum(1 for r in replies if not isinstance(r[0], BaseException) and r[0] is not None)
-        return held >= self.store.quorum
+        return self.store.lock_info(self.key) is not None
 
     def __enter__(self) -> Redlock:
         self.acquire(blocking=True)

@@ -52,7 +52,8 @@ from .events import ACQUIRED, DUPLICATE, ERROR, EVENT_TYPES, LOST, RELEASED
 from .inventory import count_by_task
 from .keys import validate_key_prefix
 from .settings import register_defaults, resolve_store_url
-from .store import Store
+from .backends.base import LockBackend
+from .backends.registry import open_backend
 from .urls import redact_url
 
 __all__ = ["LockCollector", "register"]
@@ -87,7 +88,7 @@ class LockCollector:
         self.scan_limit = int(scan_limit)
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._store: Store | None = None
+        self._store: LockBackend | None = None
         self._prefix: str | None = None
         self._held: dict[str, int] = {}
         self._truncated = False
@@ -160,14 +161,14 @@ class LockCollector:
 
     # -- the store --------------------------------------------------------------------------
 
-    def _open(self) -> tuple[Store, str]:
+    def _open(self) -> tuple[LockBackend, str]:
         if self._store is None or self._prefix is None:
             register_defaults(self.app)
             url = resolve_store_url(self.app)
             self._prefix = validate_key_prefix(
                 self.app.conf.get("singleton_lock_key_prefix") or "csl")
-            self._store = Store.from_url(url, socket_timeout=STORE_TIMEOUT_S,
-                                         setting="singleton_lock_url")
+            self._store = open_backend(url, socket_timeout=STORE_TIMEOUT_S,
+                                       setting="singleton_lock_url")
         return self._store, self._prefix
 
     def refresh(self, force: bool = False) -> None:

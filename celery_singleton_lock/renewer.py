@@ -3,7 +3,7 @@
 Each lease is renewed ttl/3 after its last renewal, so two renewals can fail before it
 expires. Leases that fall due within the next ttl/6 are renewed with it, so locks taken at
 different moments coalesce into batches: a batch is one pipelined round trip per master
-(``Store.extend_many``), never one per lock.
+(``LockBackend.extend_many``), never one per lock.
 
 A renewal that finds the lock gone (a quorum of masters answered "not yours") marks the lease
 lost at once; one that cannot reach a quorum retries quickly and marks the lease lost when its
@@ -11,9 +11,9 @@ validity runs out. Either way the owner learns of it through the lease's ``on_lo
 callbacks: the thread never dies silently (every error is logged and the loop goes on) and
 never extends a lock it does not own (the Lua compare-and-pexpire checks the token).
 
-The thread also retries releases that failed on some master (``Store.retry_cleanup``), so a
+The thread also retries releases that failed on some master (``LockBackend.maintain``), so a
 master that was down during a release does not keep the key until its ttl, and reads the
-replies of releases that were posted without waiting (``Store.settle``) when no later batch
+replies of releases that were posted without waiting (``LockBackend.maintain``) when no later batch
 read them within a second, so a release that finds the lock taken by another is reported.
 """
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .lease import Lease
-    from .store import Store
+    from .backends.base import LockBackend
 
 __all__ = ["Renewer", "get_renewer"]
 
@@ -46,7 +46,7 @@ class Renewer:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._leases: dict[int, Lease] = {}
-        self._cleanup_stores: dict[int, Store] = {}
+        self._cleanup_stores: dict[int, LockBackend] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         #: Monotonic time the thread will wake next (to skip needless notifications).
@@ -75,14 +75,14 @@ class Renewer:
             self._leases.pop(id(lease), None)
             lease.registered = False
 
-    def watch_cleanup(self, store: Store) -> None:
+    def watch_cleanup(self, store: LockBackend) -> None:
         """Retry ``store``'s failed releases from this thread (started if need be), from now."""
         with self._cond:
             self._cleanup_stores[id(store)] = store
             self._ensure_thread()
             self._cond.notify()
 
-    def watch_settle(self, store: Store) -> None:
+    def watch_settle(self, store: LockBackend) -> None:
         """Have this thread read ``store``'s posted replies at its next wake-up (within
         :data:`IDLE_WAKE_S`), if no batch on those connections reads them first. Wakes
         nothing: a release must not cost a thread switch."""
@@ -116,7 +116,7 @@ class Renewer:
 
     def _next_wake(self, now: float) -> float:
         times = [lease.next_renewal for lease in self._leases.values()]
-        if any(s._cleanup for s in self._cleanup_stores.values()):
+        if any(s.needs_maintenance() for s in self._cleanup_stores.values()):
             times.append(now + RETRY_INTERVAL_S)
         # Idle, wake every second: a new lease due later than that needs no notification.
         return min(min(times) - now, IDLE_WAKE_S) if times else IDLE_WAKE_S
@@ -145,10 +145,8 @@ class Renewer:
             try:
                 self.renew(due)
                 for store in stores:
-                    if store._cleanup:
-                        store.retry_cleanup()
-                    if store.owes_replies():
-                        store.settle()
+                    if store.needs_maintenance():
+                        store.maintain()
             except Exception:  # never die: log and go on with the next round
                 logger.exception("lock renewal round failed")
 
@@ -188,7 +186,7 @@ class Renewer:
         lease.mark_lost(reason)
 
 
-def _any_clock(leases: dict[int, Lease], stores: dict[int, Store]) -> Callable[[], float]:
+def _any_clock(leases: dict[int, Lease], stores: dict[int, LockBackend]) -> Callable[[], float]:
     for lease in leases.values():
         return lease.store.clock
     for store in stores.values():

@@ -32,7 +32,7 @@ from ._process import current_pid
 from .board import LeaseBoard
 from .lease import Lease
 from .renewer import get_renewer
-from .store import Store
+from .backends.base import LockBackend
 
 __all__ = [
     "Supervisor", "ChildPoster", "child_started", "current_supervisor", "current_poster",
@@ -70,7 +70,7 @@ class Supervisor:
 
     def __init__(
         self,
-        store_for: Callable[[str], Store | None],
+        store_for: Callable[[str], LockBackend | None],
         on_lost: Callable[[Lease, dict[str, Any]], None],
         on_released: Callable[[Lease, dict[str, Any], str], None],
         n_indexes: int = MIN_CHILD_INDEXES,
@@ -273,7 +273,7 @@ _main_pid: int | None = None
 
 
 def start_supervisor(
-    store_for: Callable[[str], Store | None],
+    store_for: Callable[[str], LockBackend | None],
     on_lost: Callable[[Lease, dict[str, Any]], None],
     on_released: Callable[[Lease, dict[str, Any], str], None],
     n_indexes: int = MIN_CHILD_INDEXES,

@@ -34,7 +34,16 @@ from .lease import Lease
 from .lock import try_acquire
 from .renewer import get_renewer
 from .settings import LockOptions, register_defaults, resolve_options, resolve_store_url
-from .store import AcquireInFlight, AcquireResult, PackedArgs, Store, get_store
+from .backends.base import (
+    AcquireInFlight,
+    AcquireResult,
+    Capability,
+    FixedMetadata,
+    LockBackend,
+)
+from .backends.registry import capabilities_of
+from .backends.registry import get_backend as get_store
+from .policy import check_capabilities
 from .supervisor import current_poster
 
 __all__ = ["LockedTask", "REQUEUE_HEADER", "TOKEN_HEADER", "execution_key", "requeue_span_s"]
@@ -155,9 +164,12 @@ class LockedTask(Task):
     def _validate_lock_options(cls, app: Any) -> None:
         name = cls.name or cls.__name__
         try:
-            resolve_options(cls, app)
+            opts = resolve_options(cls, app)
             if app.conf.get("singleton_lock_url") is not None:
-                resolve_store_url(app)  # an unparseable URL fails here, naming the setting
+                url = resolve_store_url(app)  # an unparseable URL fails here, naming it
+                # Options the store cannot do fail here too, naming the option.
+                check_capabilities(capabilities_of(url), url.redacted, opts.mode,
+                                   opts.on_duplicate, opts.limit)
             validate_lock_key_option(cls.lock_key, run_signature(cls), task_name=name)
         except LockConfigError as exc:
             raise LockConfigError(f"task {name}: {exc}", setting=exc.setting,
@@ -174,7 +186,7 @@ class LockedTask(Task):
         return opts
 
     @property
-    def lock_store(self) -> Store:
+    def lock_store(self) -> LockBackend:
         cache = self._cache()
         store = cache.get("store")
         if store is None or cache.get("pid") != current_pid():
@@ -182,6 +194,12 @@ class LockedTask(Task):
             opts = self.lock_options
             store = get_store(url, socket_timeout=opts.socket_timeout,
                               fence_ttl_s=opts.fence_ttl, setting="singleton_lock_url")
+            try:  # a URL known only now (the broker's): its store must do what opts need
+                check_capabilities(store.capabilities, store.description, opts.mode,
+                                   opts.on_duplicate, opts.limit)
+            except LockConfigError as exc:
+                raise LockConfigError(f"task {self.name}: {exc}", setting=exc.setting,
+                                      task_name=self.name) from None
             cache["store"], cache["pid"] = store, current_pid()
         return store
 
@@ -252,7 +270,7 @@ class LockedTask(Task):
         store = self.lock_store
         token = _header(req, TOKEN_HEADER)
         try:
-            if token and store.release(key, str(token)) >= store.quorum:
+            if token and store.release(key, str(token)):
                 signals.lock_released.send(sender=self, lock_key=key, task_id=req.id,
                                            reason="started")
                 return
@@ -340,7 +358,7 @@ class LockedTask(Task):
         raise AssertionError("unreachable")  # _duplicate always raises
 
     def _follow_up(
-        self, store: Store, key: str, opts: LockOptions, req: Any,
+        self, store: LockBackend, key: str, opts: LockOptions, req: Any,
         attempt: Callable[[], tuple[Lease | None, AcquireResult]], result: AcquireResult,
     ) -> tuple[Lease | None, AcquireResult]:
         """coalesce: become the key's one follow-up and sleep on release notices until the
@@ -376,13 +394,13 @@ class LockedTask(Task):
             self._reject(key, lost_to[0], req)
         return lease, result  # not taken by the timeout: requeued, still the follow-up
 
-    def _fixed_metadata(self, opts: LockOptions, hostname: str) -> PackedArgs:
+    def _fixed_metadata(self, opts: LockOptions, hostname: str) -> FixedMetadata:
         """The lock hash fields that are the same for every run here, packed once."""
         cache = self._cache()
         ident = (current_pid(), hostname)
         fixed = cache.get("fixed")
         if fixed is None or fixed[0] != ident:
-            packed = PackedArgs.of([("task", self.name), ("hostname", hostname),
+            packed = FixedMetadata([("task", self.name), ("hostname", hostname),
                                     ("mode", opts.mode), ("ttl", opts.ttl), ("renewals", 0),
                                     ("pid", ident[0])])
             fixed = cache["fixed"] = (ident, packed)
@@ -482,7 +500,9 @@ class LockedTask(Task):
         global _child_current
         lease = held.lease
         poster = current_poster()
-        if poster is not None:
+        # The main process can renew and release a child's lock only where any connection
+        # with the token may (a session-bound lock stays with the process that took it).
+        if poster is not None and Capability.ADOPTABLE in lease.store.capabilities:
             held.post = poster.post({
                 "key": lease.key, "token": lease.token, "ttl": lease.ttl_s, "task": self.name,
                 "task_id": req.id, "fence": lease.fencing_token, "on_lost": held.options.on_lost,

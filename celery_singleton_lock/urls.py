@@ -44,7 +44,8 @@ def redact_url(url: str) -> str:
 class StoreURL:
     """A validated lock store location."""
 
-    #: ``"single"``, ``"redlock"``, ``"cluster"`` or ``"memory"``.
+    #: ``"single"``, ``"redlock"``, ``"cluster"``, ``"sentinel"``, ``"memory"``, or the URL
+    #: scheme of another registered store (``"postgresql"``...).
     kind: str
     #: The URLs, unredacted (one for single, cluster and memory; N >= 2 for redlock).
     urls: tuple[str, ...]
@@ -203,6 +204,15 @@ def parse_store_url(value: object, setting: str = "singleton_lock_url") -> Store
         url = value.strip()  # its commas separate Sentinels, not Redlock masters
         parse_sentinel_url(url, setting)
         return StoreURL("sentinel", (url,))
+    if isinstance(value, str) and "://" in value:
+        scheme = value.split("://", 1)[0].strip().lower()
+        if scheme not in (*SINGLE_SCHEMES, *CLUSTER_SCHEMES, MEMORY_SCHEME):
+            return _other_store(value, setting)
+    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str) \
+            and "://" in value[0]:
+        scheme = value[0].split("://", 1)[0].strip().lower()
+        if scheme not in (*SINGLE_SCHEMES, *CLUSTER_SCHEMES, MEMORY_SCHEME):
+            return _other_store(value, setting)
     parts = _split(value, setting)
     if len(parts) == 1:
         url = parts[0]
@@ -224,3 +234,31 @@ def parse_store_url(value: object, setting: str = "singleton_lock_url") -> Store
             setting=setting,
         )
     return StoreURL("redlock", tuple(parts))
+
+
+def split_url_list(value: object, setting: str) -> list[str]:
+    """The URLs of a setting given as a comma-separated string or a list of strings."""
+    return _split(value, setting)
+
+
+def check_redis_url(url: str, setting: str, *, cluster: bool = False) -> None:
+    """Raise LockConfigError naming ``setting`` for a Redis URL the store cannot use."""
+    _check_one(url, setting, CLUSTER_SCHEMES if cluster else SINGLE_SCHEMES)
+
+
+def _other_store(value: object, setting: str) -> StoreURL:
+    """A store of a scheme registered in the ``celery_singleton_lock.backends`` group."""
+    from .backends.base import QuorumMember
+    from .backends.registry import split_urls
+
+    cls, urls = split_urls(value, setting)
+    check = getattr(cls, "check_urls", None)
+    if check is not None:
+        check(urls, setting)
+    if issubclass(cls, QuorumMember) and len(set(urls)) != len(urls):
+        raise LockConfigError(
+            f"{setting}: the same Redlock master is listed twice: "
+            f"{', '.join(redact_url(p) for p in urls)}", setting=setting,
+        )
+    scheme = urls[0].split("://", 1)[0].lower()
+    return StoreURL(scheme, tuple(urls))

@@ -20,8 +20,9 @@ import pytest
 import redis
 
 from celery_singleton_lock.lock import Redlock
-from celery_singleton_lock.memory import MemoryNode, memory_store
-from celery_singleton_lock.store import Store, fence_key_for
+from celery_singleton_lock.backends.base import LockBackend, LockView, Read
+from celery_singleton_lock.backends.memory import MemoryMember, memory_store
+from celery_singleton_lock.keys import fence_key_for
 from tests.servers import StoreTarget
 
 #: Every kind of store the contract suite runs against.
@@ -90,28 +91,44 @@ class MemoryBackend(Backend):
     def __init__(self, masters: int) -> None:
         self.kind = f"memory{masters}"
         self.n_masters = masters
-        self.store: Store = memory_store(masters=masters)
-        self.nodes: list[MemoryNode] = list(self.store.nodes)  # type: ignore[arg-type]
+        self.store: LockBackend = memory_store(masters=masters)
+        self.nodes: list[MemoryMember] = list(self.store.members)  # type: ignore[attr-defined]
 
     def lock(self, name: str, **kwargs: Any) -> Redlock:
         return Redlock(name, store=self.store, **kwargs)
 
+    def _views(self, key: str) -> list[LockView]:
+        views = []
+        for node in self.nodes:
+            down, node.down = node.down, False  # read what it holds, even while "down"
+            try:
+                views.append(node.run([Read(key)])[0])
+            finally:
+                node.down = down
+        return views
+
     def hashes(self, key: str) -> list[dict[str, str]]:
-        return [node.hgetall(key) for node in self.nodes]
+        return [{**v.fields, "token": v.token} if v.held else {} for v in self._views(key)]
 
     def pttls(self, key: str) -> list[int]:
-        return [node.pttl_ms(key) for node in self.nodes]
+        if key.endswith(":next"):  # a follow-up claim (coalesce): white-box
+            out = []
+            for node in self.nodes:
+                state = node._state  # noqa: SLF001
+                item = state.follows.get(key.removesuffix(":next"))
+                left = None if item is None else item[1] - state.clock()
+                out.append(-2 if left is None or left <= 0 else int(left * 1000))
+            return out
+        return [-2 if not v.held else -1 if v.ttl_s is None else int(v.ttl_s * 1000)
+                for v in self._views(key)]
 
     def fences(self, key: str) -> list[int | None]:
-        out: list[int | None] = []
-        for node in self.nodes:
-            with node.mutex:
-                value = node._get(fence_key_for(key))
-            out.append(None if value is None else int(value))
-        return out
+        return [v.fence for v in self._views(key)]
 
     def subscribed_masters(self, channel: str) -> int:
-        return sum(1 for node in self.nodes if node.subscribers.get(channel))
+        base = channel.removesuffix(":released")
+        return sum(1 for node in self.nodes
+                   if node._state.subscribers.get(base))  # noqa: SLF001 - white-box test
 
     def take_down(self, index: int) -> None:
         self.nodes[index].down = True

@@ -24,7 +24,7 @@ from celery import Celery
 from celery_singleton_lock.inventory import list_locks, read_lock, release_lock
 from celery_singleton_lock.keys import format_key
 from celery_singleton_lock.lock import Redlock
-from celery_singleton_lock.store import Store
+from celery_singleton_lock.backends.registry import open_backend
 from tests.apps import obs_app
 from tests.servers import RedisCluster, RedisServer, free_port, wait_until
 from tests.workers import REPO_ROOT, CeleryWorker, TaskEnv, open_task_env
@@ -431,7 +431,7 @@ def test_task_pattern_is_the_keys_own_spelling_escaped() -> None:
 
 def test_release_is_a_compare_and_delete(redis_server: RedisServer) -> None:
     """A lock taken again after it was read is left to its new holder."""
-    store = Store.from_url(redis_server.url)
+    store = open_backend(redis_server.url)
     old = task_lock(redis_server.url, "t.cad", "x", ttl=60)
     record = read_lock(store, old.key)
     assert record is not None
@@ -502,7 +502,7 @@ def test_cluster_list_scans_every_primary(redis_cluster: RedisCluster) -> None:
     proc = run_cli(redis_cluster.url, "list", "--task", "t.clu", "--json")
     assert proc.returncode == 0, proc.stderr
     assert sorted(r["key"] for r in json.loads(proc.stdout)) == sorted(lk.key for lk in held)
-    store = Store.from_url(redis_cluster.url)
+    store = open_backend(redis_cluster.url)
     record = read_lock(store, held[0].key)
     assert record is not None and record.task == "t.clu"
     proc = run_cli(redis_cluster.url, "purge", "--yes")

@@ -26,7 +26,7 @@ from celery import Celery
 import celery_singleton_lock
 from celery_singleton_lock import LockConfigError
 from celery_singleton_lock.compat import AlreadyQueued, DuplicateTaskError, QueueOnce, Singleton
-from celery_singleton_lock.store import channel_for
+from celery_singleton_lock.keys import channel_for
 from tests.apps import compat_app
 from tests.test_cli import run_cli
 from tests.workers import CeleryWorker, TaskEnv, open_task_env

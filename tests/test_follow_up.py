@@ -1,4 +1,4 @@
-"""The follow-up claim of ``lock_on_duplicate="coalesce"`` (``Store.follow``/``unfollow``),
+"""The follow-up claim of ``lock_on_duplicate="coalesce"`` (``LockBackend.follow``/``unfollow``),
 against the in-memory store and real ``redis-server`` processes."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from celery_singleton_lock.lock import try_acquire
-from celery_singleton_lock.store import Store, follow_key_for
+from celery_singleton_lock.backends.base import LockBackend
+from celery_singleton_lock.keys import follow_key_for
 from tests.engine_fixtures import Backend, MemoryBackend, kind_params, make_backend
 
 KEY = "csl:follow.sync:{89abcdef}"
@@ -21,7 +22,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     b.close()
 
 
-def _store(b: Backend) -> Store:
+def _store(b: Backend) -> LockBackend:
     return b.store if isinstance(b, MemoryBackend) else b.lock("follow").store
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from celery_singleton_lock.lock import Redlock
-from celery_singleton_lock.store import channel_for, fence_key_for
+from celery_singleton_lock.keys import channel_for, fence_key_for
 from tests.engine_fixtures import (
     ALL_KINDS,
     MULTI_MASTER_KINDS,

@@ -31,7 +31,10 @@ from celery_singleton_lock.errors import LockBackendError, LockConfigError
 from celery_singleton_lock.lease import Lease
 from celery_singleton_lock.lock import Redlock
 from celery_singleton_lock.renewer import get_renewer
-from celery_singleton_lock.store import SCRIPTS, Store
+from celery_singleton_lock.backends.base import Extend
+from celery_singleton_lock.backends.quorum import Quorum
+from celery_singleton_lock.backends.redis.wire import SCRIPTS
+from celery_singleton_lock.backends.registry import open_backend
 from tests.engine_fixtures import Backend, RedisBackend, make_backend
 from tests.servers import RedisServer, RedisTLSUnsupported, StoreTarget, free_port, wait_until
 
@@ -409,26 +412,26 @@ def _commandstats(client: redis.Redis) -> dict[str, int]:
 
 
 class RoundTrips:
-    """Counts the round trips a store makes to each master (a spy on ``Node.send``).
+    """Counts the round trips a store makes to each master (a spy on ``submit``).
 
     Only batches of renewals (``extend`` script calls) are counted, from the moment the spy
     is installed: nothing is ever reset, so a batch in flight at a reset cannot be half
     counted.
     """
 
-    def __init__(self, store: Store) -> None:
-        self.per_node = [0] * len(store.nodes)
-        self.calls_per_node = [0] * len(store.nodes)
-        for i, node in enumerate(store.nodes):
-            send = node.send
+    def __init__(self, store: Quorum) -> None:
+        self.per_node = [0] * len(store.members)
+        self.calls_per_node = [0] * len(store.members)
+        for i, member in enumerate(store.members):
+            submit = member.submit
 
-            def counting(calls: Any, packed: Any = None, _i: int = i, _send: Any = send) -> Any:
-                if calls and all(c.script == "extend" for c in calls):
+            def counting(ops: Any, _i: int = i, _submit: Any = submit) -> Any:
+                if ops and all(type(op) is Extend for op in ops):
                     self.per_node[_i] += 1
-                    self.calls_per_node[_i] += len(calls)
-                return _send(calls, packed)
+                    self.calls_per_node[_i] += len(ops)
+                return _submit(ops)
 
-            node.send = counting  # type: ignore[method-assign]
+            member.submit = counting  # type: ignore[method-assign]
 
 
 LOCKS = 1000
@@ -447,7 +450,8 @@ def test_thousand_locks_are_renewed_in_one_round_trip_per_master_per_batch(
         c.config_resetstat()
     renewer = get_renewer()
     batches0 = renewer.batches
-    store = Store.from_url(backend.url, socket_timeout=SOCKET_TIMEOUT_S)
+    store = open_backend(backend.url, socket_timeout=SOCKET_TIMEOUT_S)
+    assert isinstance(store, Quorum)
     trips = RoundTrips(store)
     locks = [Redlock(f"bulk:{i}", store=store, ttl=1.5, renew=True) for i in range(LOCKS)]
     try:
@@ -617,7 +621,7 @@ def test_bad_name_or_prefix_is_a_config_error_naming_it(
 
 
 def test_bad_extend_ttl_is_a_config_error() -> None:
-    from celery_singleton_lock.memory import memory_store
+    from celery_singleton_lock.backends.memory import memory_store
 
     lock = Redlock("faults:extend", store=memory_store(), ttl=5.0)
     assert lock.acquire(blocking=False)
@@ -630,7 +634,7 @@ def test_bad_extend_ttl_is_a_config_error() -> None:
 
 def test_store_with_no_master_is_a_config_error() -> None:
     with pytest.raises(LockConfigError, match="at least one master"):
-        Store([])
+        Quorum([])
 
 
 @pytest.mark.parametrize("masters", [1, 3])

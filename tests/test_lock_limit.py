@@ -16,8 +16,9 @@ import pytest
 from celery_singleton_lock.inventory import count_by_task, list_locks
 from celery_singleton_lock.lease import Lease
 from celery_singleton_lock.lock import try_acquire
-from celery_singleton_lock.memory import MemoryNode
-from celery_singleton_lock.store import Call, Store, fence_key_for, slot_key
+from celery_singleton_lock.backends.base import FENCE_TTL_MS, Acquire, LockBackend
+from celery_singleton_lock.backends.memory import MemoryMember
+from celery_singleton_lock.keys import slot_key
 from tests.engine_fixtures import Backend, MemoryBackend, RedisBackend, kind_params, make_backend
 
 KINDS = ["memory1", "memory3", "single", "redlock3", "cluster"]
@@ -39,11 +40,11 @@ def multi_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     b.close()
 
 
-def _store(b: Backend) -> Store:
+def _store(b: Backend) -> LockBackend:
     return b.store if isinstance(b, MemoryBackend) else b.lock("limits").store
 
 
-def _take(store: Store, owner: str, limit: int = 3) -> Lease | None:
+def _take(store: LockBackend, owner: str, limit: int = 3) -> Lease | None:
     lease, _ = try_acquire(store, KEY, 5.0, owner=owner, task_name=TASK, limit=limit,
                            metadata=(("owner", owner), ("task", TASK)))
     return lease
@@ -127,10 +128,8 @@ def test_release_of_one_slot_wakes_a_waiter_for_the_lock(backend: Backend) -> No
 def _plant(b: Backend, index: int, key: str) -> None:
     """Hold ``key`` on master ``index`` alone with a foreign token."""
     if isinstance(b, MemoryBackend):
-        node: MemoryNode = b.nodes[index]
-        call = Call.run("acquire", (key, fence_key_for(key)),
-                        ("foreign", 5000, 60_000, "owner", "other"))
-        node.send([call]).receive()
+        node: MemoryMember = b.nodes[index]
+        node.run([Acquire(key, "foreign", 5000, FENCE_TTL_MS, (("owner", "other"),))])
     else:
         assert isinstance(b, RedisBackend)
         client = b.client(index)

@@ -17,7 +17,7 @@ import pytest
 from celery.signals import after_task_publish
 
 from celery_singleton_lock import DuplicateTaskError
-from celery_singleton_lock.store import slot_key
+from celery_singleton_lock.keys import slot_key
 from tests.apps import semantics
 from tests.test_cli import run_cli
 from tests.workers import CeleryWorker, TaskEnv, open_task_env, poll_gone

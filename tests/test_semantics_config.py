@@ -12,8 +12,8 @@ import pytest
 from celery import Celery
 
 from celery_singleton_lock import DuplicateTaskError, LockConfigError, LockedTask, signals
-from celery_singleton_lock.memory import memory_store
-from celery_singleton_lock.store import slot_key
+from celery_singleton_lock.backends.registry import get_backend
+from celery_singleton_lock.keys import slot_key
 from tests.servers import wait_until
 
 # Every task here is made with shared=False: a shared task would be added to every app
@@ -40,9 +40,9 @@ def test_until_expired_enqueue_lock_lives_lock_ttl_not_queued_ttl(app: Celery) -
     first = task.delay("a")
     assert task.delay("a").id == first.id
     assert task.delay("b").id != first.id
-    node = memory_store(app.conf.singleton_lock_url).nodes[0]
-    ttl_ms = node.pttl_ms(task.lock_key_for("a"))
-    assert 6000 < ttl_ms <= 7000
+    record = get_backend(app.conf.singleton_lock_url).lock_info(task.lock_key_for("a"))
+    assert record is not None and record.ttl_s is not None
+    assert 6.0 < record.ttl_s <= 7.0
 
 
 @pytest.mark.parametrize(
@@ -84,8 +84,8 @@ def test_lock_limit_body_holds_a_slot_of_its_key(app: Celery) -> None:
     key = task.lock_key_for("a")
     assert [k for k, _ in seen] == [slot_key(key, 0), slot_key(key, 0)]
     assert seen[0][1] < seen[1][1]
-    node = memory_store(app.conf.singleton_lock_url).nodes[0]
-    assert node.pttl_ms(slot_key(key, 0)) == -2, "released when the body ended"
+    assert get_backend(app.conf.singleton_lock_url).lock_info(slot_key(key, 0)) is None, \
+        "released when the body ended"
 
 
 @pytest.mark.parametrize("mode", ["until_expired", "until_executing", "until_executed",

@@ -16,7 +16,7 @@ from celery import Celery
 
 from celery_singleton_lock import LockConfigError, Redlock
 from celery_singleton_lock.settings import resolve_store_url
-from celery_singleton_lock.store import Store
+from celery_singleton_lock.backends.registry import open_backend
 from celery_singleton_lock.urls import parse_sentinel_url, parse_store_url
 from tests.servers import LOOPBACK, RedisServer, find_redis_server, wait_until
 
@@ -113,7 +113,7 @@ def test_locks_follow_a_sentinel_failover_to_the_promoted_replica(
     sentinel_setup: tuple[RedisServer, RedisServer, list[RedisSentinel]],
 ) -> None:
     master, replica, sentinels = sentinel_setup
-    store = Store.from_url(_url(sentinels), socket_timeout=0.5)
+    store = open_backend(_url(sentinels), socket_timeout=0.5)
     try:
         before = Redlock("sentinel:before", store=store, ttl=30.0, owner="before")
         assert before.acquire(blocking=False)

@@ -9,6 +9,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -16,13 +17,16 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from celery_singleton_lock._process import current_pid, new_token
 from celery_singleton_lock.board import PAYLOAD_SIZE, SLOTS_PER_CHILD, LeaseBoard
-from celery_singleton_lock.store import Call, PackedArgs, RedisNode, Store
+from celery_singleton_lock.backends.base import FixedMetadata
+from celery_singleton_lock.backends.quorum import Quorum
+from celery_singleton_lock.backends.redis.wire import Call, RedisNode
+from celery_singleton_lock.backends.registry import open_backend
 from tests.servers import RedisServer, wait_until
 
 
 @pytest.fixture
-def store(redis_server_module: RedisServer) -> Iterator[Store]:
-    s = Store.from_url(redis_server_module.url, socket_timeout=2.0)
+def store(redis_server_module: RedisServer) -> Iterator[Quorum]:
+    s = open_backend(redis_server_module.url, socket_timeout=2.0)
     yield s
     s.close()
 
@@ -35,13 +39,13 @@ def admin(redis_server_module: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-def one(store: Store, *command: object) -> object:
-    return store.fanout([Call.plain(*command)])[0][0]
+def one(store: Quorum, *command: object) -> object:
+    return _node(store).send([Call.plain(*command)]).receive()[0]
 
 
-def test_every_kind_of_reply(store: Store) -> None:
+def test_every_kind_of_reply(store: Quorum) -> None:
     big = b"\r\n".join(secrets.token_bytes(1000) for _ in range(100))  # > one 64 KiB read
-    replies = store.fanout([
+    replies = _node(store).send([
         Call.plain("PING"),
         Call.plain("SET", "k", big),
         Call.plain("GET", "k"),
@@ -51,7 +55,7 @@ def test_every_kind_of_reply(store: Store) -> None:
         Call.plain("INCR", "k"),
         Call.plain("EVALSHA", "0" * 40, 0),
         Call.plain("LRANGE", "missing", 0, -1),
-    ])[0]
+    ]).receive()
     assert replies[:6] == [b"PONG", b"OK", big, None, 1, [1, [2, b"x"], None, b"y"]]
     assert isinstance(replies[6], ResponseError) and "not an integer" in str(replies[6])
     assert isinstance(replies[7], NoScriptError)
@@ -61,12 +65,12 @@ def test_every_kind_of_reply(store: Store) -> None:
 
 
 def test_a_script_missing_after_a_restart_is_sent_whole(redis_server: RedisServer) -> None:
-    store = Store.from_url(redis_server.url, socket_timeout=2.0)
+    store = open_backend(redis_server.url, socket_timeout=2.0)
     try:
         assert store.acquire("csl:{w}", "t1", 30).acquired
         redis_server.restart()  # an empty script cache, and our idle connection is stale
         assert store.acquire("csl:{w}", "t2", 30).acquired
-        assert store.release("csl:{w}", "t2") == 1
+        assert store.release("csl:{w}", "t2") is True
     finally:
         store.close()
 
@@ -75,9 +79,9 @@ def test_fixed_metadata_is_written_also_through_the_noscript_fallback(
     redis_server: RedisServer,
 ) -> None:
     """The packed-once fields go into the lock hash, also when the script must be sent whole."""
-    store = Store.from_url(redis_server.url, socket_timeout=2.0)
+    store = open_backend(redis_server.url, socket_timeout=2.0)
     client = redis.Redis.from_url(redis_server.url)
-    fixed = PackedArgs.of([("task", "t.name"), ("pid", 4321), ("ttl", 30.0)])
+    fixed = FixedMetadata([("task", "t.name"), ("pid", 4321), ("ttl", 30.0)])
     try:
         for token, restart in (("t1", False), ("t2", True)):
             if restart:
@@ -116,14 +120,14 @@ def test_tokens_are_unique_and_a_forked_child_gets_its_own() -> None:
     assert child_token not in tokens
 
 
-def _node(store: Store) -> RedisNode:
-    node = store.nodes[0]
+def _node(store: Any) -> RedisNode:
+    node = store.members[0].node
     assert isinstance(node, RedisNode)
     return node
 
 
 def test_posted_release_runs_at_once_and_its_reply_is_read_with_the_next_batch(
-    store: Store, admin: redis.Redis
+    store: Quorum, admin: redis.Redis
 ) -> None:
     assert store.acquire("csl:{p}", "tok", 30).acquired
     store.release_later("csl:{p}", "tok", deadline=store.clock() + 30)
@@ -135,13 +139,13 @@ def test_posted_release_runs_at_once_and_its_reply_is_read_with_the_next_batch(
 
 
 def test_posted_release_lost_with_its_connection_is_retried(
-    store: Store, admin: redis.Redis
+    store: Quorum, admin: redis.Redis
 ) -> None:
     assert store.acquire("csl:{d}", "tok", 30).acquired
     # The server drops our connection: the posted release never reaches it.
     admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     store.release_later("csl:{d}", "tok", deadline=store.clock() + 30)
-    store.settle()  # reads the (missing) reply: the failure goes to the background retry
+    store.members[0].settle()  # reads the (missing) reply: a failure is retried
     # Released long before its 30 s ttl, by the renewer's cleanup.
     wait_until(lambda: not admin.exists("csl:{d}"), 5.0, message="lock released by retry")
 
@@ -217,7 +221,7 @@ def test_locks_work_over_resp2_and_resp3_as_the_url_asks(
     from celery_singleton_lock import Redlock
 
     url = f"{redis_server_module.url}?protocol={protocol}"
-    store = Store.from_url(url, socket_timeout=2.0)
+    store = open_backend(url, socket_timeout=2.0)
     try:
         info = one(store, "CLIENT", "INFO")
         assert f"resp={protocol}".encode() in info  # the store's own connection speaks it

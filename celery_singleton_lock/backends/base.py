@@ -179,6 +179,8 @@ class LockView:
     ttl_s: float | None = None
     fields: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    #: The key's fencing counter on this member (the last fencing token issued), if known.
+    fence: int | None = None
 
 
 @dataclass
@@ -243,7 +245,8 @@ class LockRecord:
             hostname=f.get("hostname", ""), pid=num("pid", int), mode=f.get("mode", ""),
             acquired_at=num("acquired_at", float), ttl_s=view.ttl_s,
             renewals=num("renewals", int) or 0, masters=1, n_masters=n_masters,
-            lock_ttl_s=num("ttl", float), views=[view], fence=num("fence", int),
+            lock_ttl_s=num("ttl", float), views=[view],
+            fence=view.fence if view.fence is not None else num("fence", int),
             token=view.token,
         )
 
@@ -414,7 +417,17 @@ class LockBackend(abc.ABC):
     @abc.abstractmethod
     def force_release(self, record: LockRecord) -> int:
         """Delete the lock ``record`` describes, whoever holds it (``celery locks release``),
-        and wake its waiters. Returns on how many members it was deleted."""
+        and wake its waiters: a compare-and-delete with the token read, so a lock taken again
+        since it was read is kept. Returns on how many members it was deleted."""
+
+    def force_release_many(self, records: Sequence[LockRecord]) -> int:
+        """:meth:`force_release` of each record; returns how many were deleted somewhere."""
+        return sum(1 for record in records if self.force_release(record) > 0)
+
+    def lock_keys(self, prefix: str, *, pattern: str | None = None,
+                  limit: int | None = None) -> list[str]:
+        """Keys of the held locks under ``prefix`` (for counting; no holder metadata)."""
+        return [r.key for r in self.list_locks(prefix, pattern=pattern, limit=limit)]
 
     @abc.abstractmethod
     def ping(self) -> tuple[int, list[str]]:

@@ -20,7 +20,8 @@ from typing import Any
 from ..errors import LockConfigError
 from .base import FENCE_TTL_MS, LockBackend, QuorumMember
 
-__all__ = ["GROUP", "backend_class", "schemes", "open_backend", "get_backend", "split_urls"]
+__all__ = ["GROUP", "backend_class", "schemes", "open_backend", "get_backend", "split_urls",
+           "capabilities_of"]
 
 #: The entry-point group that names store classes by URL scheme.
 GROUP = "celery_singleton_lock.backends"
@@ -99,6 +100,18 @@ def split_urls(value: object, setting: str) -> tuple[type, tuple[str, ...]]:
             f"{', '.join(redact_url(u) for u in urls)}", setting=setting,
         )
     return classes.pop(), urls
+
+
+def capabilities_of(value: object, setting: str = "singleton_lock_url") -> frozenset[str]:
+    """What the store that ``value`` names can do, read from its class: nothing connects."""
+    from ..urls import StoreURL
+    from .base import Capability
+
+    if isinstance(value, StoreURL):
+        value = list(value.urls) if len(value.urls) > 1 else value.urls[0]
+    cls, _ = split_urls(value, setting)
+    caps = frozenset(getattr(cls, "capabilities", frozenset()))
+    return caps - {Capability.QUORUM_MEMBER} if issubclass(cls, QuorumMember) else caps
 
 
 def open_backend(value: object, *, socket_timeout: float = 0.2,
