@@ -27,7 +27,8 @@ from tests.servers import RedisCluster, RedisServer, StoreTarget
 
 #: Lock-store kinds of the stores beyond Redis, for the contract suite (each a plugin module
 #: with ``KINDS`` and a ``_store_<kind>`` session fixture per kind).
-pytest_plugins = ["tests.kinds_sql", "tests.kinds_zookeeper", "tests.kinds_memcached"]
+pytest_plugins = ["tests.kinds_redis", "tests.kinds_sql", "tests.kinds_zookeeper",
+                  "tests.kinds_memcached"]
 
 #: Fixtures shared across tests that must be healed and flushed before each test using them.
 _SHARED_FIXTURES = ("redis_server_module", "redis_cluster")
