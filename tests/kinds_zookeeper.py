@@ -2,8 +2,36 @@
 
 ``KINDS`` lists the kind ids this module adds; for each id a session fixture
 ``_store_<id>`` yields the URL value to open the store with.
+
+``zookeeper``: one standalone ZooKeeper server started for the session (:mod:`tests.zk_server`),
+and a random chroot, so nothing another run left behind is seen. Skipped where no ZooKeeper
+or kazoo is installed.
 """
 
 from __future__ import annotations
 
-KINDS: list[str] = []
+import importlib.util
+from collections.abc import Iterator
+
+import pytest
+
+from tests.zk_server import ZooKeeperServer, find_classpath
+
+KINDS: list[str] = ["zookeeper"]
+
+
+@pytest.fixture(scope="session")
+def zookeeper_server() -> Iterator[ZooKeeperServer]:
+    """One ZooKeeper server for the whole test session."""
+    if importlib.util.find_spec("kazoo") is None:
+        pytest.skip("kazoo is not installed (pip install 'celery-singleton-lock[zookeeper]')")
+    if find_classpath() is None:
+        pytest.skip("no ZooKeeper server installed (apt-get install zookeeper)")
+    with ZooKeeperServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def _store_zookeeper(zookeeper_server: ZooKeeperServer) -> Iterator[str]:
+    """``zookeeper://127.0.0.1:<port>/<random chroot>``."""
+    yield zookeeper_server.url()
