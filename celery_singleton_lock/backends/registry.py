@@ -85,7 +85,7 @@ def split_urls(value: object, setting: str) -> tuple[type, tuple[str, ...]]:
     """The store class and the URLs a setting names (validated by the class)."""
     from ..urls import split_url_list
 
-    if isinstance(value, str):
+    if isinstance(value, str) and "://" in value:
         cls = backend_class(scheme_of(value.strip()), setting)
         if not getattr(cls, "comma_separates_urls", True):
             # Its commas separate hosts of one store (Sentinels, a ZooKeeper ensemble).
