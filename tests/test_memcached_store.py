@@ -1,0 +1,584 @@
+"""The memcached:// store against real ``memcached`` processes.
+
+First each typed operation on one member directly (``member.run([...])``), checked against
+the items memcached really holds; then the store as the library opens it
+(``open_backend(url_or_list)``): one server, a quorum of three, a member down.
+
+memcached counts expiry in whole seconds, so the tests that wait for a lock to lapse use a
+1 s ttl and bound the wait by the documented ``ceil(ttl) + 1`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.memcached_server import MemcachedServer, find_memcached
+from tests.servers import wait_until
+
+pytest.importorskip("pymemcache")
+if find_memcached() is None:  # pragma: no cover - CI installs it
+    pytest.skip("no memcached binary (apt-get install memcached)", allow_module_level=True)
+
+from celery_singleton_lock.backends import memcached as mc  # noqa: E402
+from celery_singleton_lock.backends.base import (  # noqa: E402
+    EXTENDED,
+    GONE,
+    NOT_OWNED,
+    Acquire,
+    AcquireSlot,
+    ClaimRun,
+    Extend,
+    FixedMetadata,
+    Follow,
+    ForceRelease,
+    Grant,
+    Handover,
+    LockView,
+    Ping,
+    RaiseFence,
+    Read,
+    ReadRuns,
+    Release,
+    Restore,
+)
+from celery_singleton_lock.backends.memcached import MemcachedMember  # noqa: E402
+from celery_singleton_lock.errors import LockBackendError, LockConfigError  # noqa: E402
+
+FENCE_TTL_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[MemcachedServer]:
+    with MemcachedServer() as s:
+        yield s
+
+
+@pytest.fixture
+def mcd(server: MemcachedServer) -> MemcachedServer:
+    """The module's server, healed and emptied."""
+    server.heal()
+    server.flush()
+    return server
+
+
+@pytest.fixture
+def member(mcd: MemcachedServer) -> Iterator[MemcachedMember]:
+    m = MemcachedMember.from_url(mcd.url, socket_timeout=0.5, setting="singleton_lock_url")
+    yield m
+    m.close()
+
+
+def new_key(name: str = "t") -> str:
+    return f"csl:{name}:{{{uuid.uuid4().hex}}}"
+
+
+def raw(server: MemcachedServer, key: str) -> dict[str, Any] | None:
+    value = server.client().get(mc.stored_key(key))
+    return None if value is None else json.loads(value)
+
+
+def acquire(key: str, token: str, ttl_ms: int = 10_000, owner: str = "",
+            fence_ttl_ms: int = FENCE_TTL_MS, **fields: Any) -> Acquire:
+    meta = (("owner", owner or token),) + tuple(fields.items())
+    return Acquire(key, token, ttl_ms, fence_ttl_ms, meta)
+
+
+# ------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_exptime_never_shorter_than_the_ttl_and_absolute_beyond_30_days() -> None:
+    assert mc.exptime(1) == 2
+    assert mc.exptime(1000) == 2
+    assert mc.exptime(1001) == 3
+    assert mc.exptime(30_000) == 31
+    far = mc.exptime(31 * 24 * 3600 * 1000)
+    assert far > time.time() + 31 * 24 * 3600  # a unix time, as memcached reads it
+
+
+def test_stored_key_round_trips_and_refuses_overlong_keys() -> None:
+    task_key = "csl:proj.tasks.sync:{0123abcd}"
+    assert mc.stored_key(task_key) == task_key
+    odd = "csl:{reports daily %50 é\n}"
+    stored = mc.stored_key(odd)
+    assert " " not in stored and "\n" not in stored and stored.isascii()
+    assert mc.original_key(stored) == odd
+    assert "%:" not in stored
+    with pytest.raises(LockBackendError, match="too long"):
+        mc.stored_key("csl:{" + "x" * 300 + "}")
+
+
+def test_urls_are_checked_and_names_are_password_free() -> None:
+    with pytest.raises(LockConfigError, match="credentials") as info:
+        MemcachedMember.check_urls(["memcached://u:s3cret@h:11211"], "singleton_lock_url")
+    assert "s3cret" not in str(info.value)
+    with pytest.raises(LockConfigError, match="no path"):
+        MemcachedMember.check_urls(["memcached://h:11211/0"], "singleton_lock_url")
+    with pytest.raises(LockConfigError, match="twice"):
+        MemcachedMember.check_urls(["memcached://h", "memcached://h:11211"], "x")
+    MemcachedMember.check_urls(["memcached://a", "memcached://b:1"], "x")
+    m = MemcachedMember("::1", 11211)
+    assert m.name == "memcached://[::1]:11211"
+
+
+def test_glob_follows_redis_rules() -> None:
+    assert mc._glob(r"csl:t:\{*").fullmatch("csl:t:{ab}")
+    assert not mc._glob(r"csl:t:\{*").fullmatch("csl:u:{ab}")
+    assert mc._glob("a?c").fullmatch("abc")
+    assert mc._glob("a[^x]c").fullmatch("abc") and not mc._glob("a[^b]c").fullmatch("abc")
+    assert mc._glob(r"a\*").fullmatch("a*") and not mc._glob(r"a\*").fullmatch("ab")
+
+
+# ------------------------------------------------------------------------------------------
+# Operations on one member
+
+
+def test_acquire_is_an_add_another_token_is_refused_and_the_holder_refreshes(
+        member: MemcachedMember, mcd: MemcachedServer) -> None:
+    key = new_key()
+    first, second = member.run([acquire(key, "tok-a", owner="task-a", task="t"),
+                                acquire(key, "tok-b", owner="task-b")])
+    assert isinstance(first, Grant) and first.acquired and first.fence > 0
+    assert second == Grant(False, holder="task-a", holder_pttl_ms=second.holder_pttl_ms)
+    assert 0 < second.holder_pttl_ms <= 10_000
+    item = raw(mcd, key)
+    assert item is not None and item["t"] == "tok-a" and item["f"]["owner"] == "task-a"
+    # The holder again: its ttl is refreshed, the fence is the one it holds.
+    [again] = member.run([acquire(key, "tok-a", ttl_ms=20_000)])
+    assert again.acquired and again.fence == first.fence
+    [view] = member.run([Read(key)])
+    assert 10.0 < view.ttl_s <= 20.0
+
+
+def test_fence_grows_with_every_acquisition_and_starts_at_server_time(
+        member: MemcachedMember) -> None:
+    key = new_key()
+    fences = []
+    before_us = time.time() * 1e6
+    for i in range(5):
+        [grant, released] = member.run([acquire(key, f"tok-{i}"), Release(key, f"tok-{i}")])
+        assert grant.acquired and released is True
+        fences.append(grant.fence)
+    assert fences == sorted(set(fences))
+    # A new counter starts at the server's time in microseconds (seconds from the server).
+    assert abs(fences[0] - before_us) < 5e6
+
+
+def test_a_lock_lapses_between_its_ttl_and_two_seconds_after_and_its_old_holder_never_touches_the_successor(  # noqa: E501
+        member: MemcachedMember, mcd: MemcachedServer) -> None:
+    key = new_key()
+    a0 = time.monotonic()
+    [old] = member.run([acquire(key, "old", ttl_ms=1000)])
+    a1 = time.monotonic()
+    assert old.acquired
+    free_at: list[float] = []
+
+    def taken() -> bool:
+        r0 = time.monotonic()
+        [grant] = member.run([acquire(key, "new", ttl_ms=30_000, owner="successor")])
+        if grant.acquired:
+            free_at.extend([r0, time.monotonic()])
+        return grant.acquired
+
+    wait_until(taken, 5.0, interval_s=0.05, message="the 1 s lock to lapse")
+    assert free_at[1] >= a0 + 1.0, "the lock lapsed before its ttl"
+    assert free_at[0] <= a1 + 2.0 + 0.5, "the lock outlived ceil(ttl) + 1 s"
+    before = raw(mcd, key)
+    assert before is not None and before["t"] == "new"
+    # The old holder, back from a pause past its ttl: neither renewal nor release touch it.
+    assert member.run([Extend(key, "old", 60_000), Release(key, "old"),
+                       ForceRelease(key, "old")]) == [NOT_OWNED, False, False]
+    assert raw(mcd, key) == before
+    [grant] = member.run([acquire(key, "third")])
+    assert not grant.acquired and grant.holder == "successor"
+
+
+def test_fence_grows_after_the_counter_itself_expired(
+        member: MemcachedMember, mcd: MemcachedServer) -> None:
+    key = new_key()
+    [first, _] = member.run([acquire(key, "a", fence_ttl_ms=1000), Release(key, "a")])
+    counter = mc._fence_name(key)
+    client = mcd.client()
+    wait_until(lambda: client.get(counter) is None, 5.0, interval_s=0.05,
+               message="the fencing counter to expire")
+    [second] = member.run([acquire(key, "b", fence_ttl_ms=1000)])
+    assert second.acquired and second.fence > first.fence
+
+
+def test_extend_checks_the_owner_and_counts_renewals(
+        member: MemcachedMember, mcd: MemcachedServer) -> None:
+    key = new_key()
+    member.run([acquire(key, "tok", ttl_ms=5000)])
+    results = member.run([Extend(key, "tok", 20_000), Extend(key, "other", 20_000),
+                          Extend(new_key(), "tok", 20_000), Extend(key, "tok", 20_000, False)])
+    assert results == [EXTENDED, NOT_OWNED, GONE, EXTENDED]
+    [view] = member.run([Read(key)])
+    assert view.fields["renewals"] == "1"
+    assert 15.0 < view.ttl_s <= 20.0
+    item = raw(mcd, key)
+    assert item is not None and item["t"] == "tok"
+
+
+def test_release_is_compare_and_delete(member: MemcachedMember, mcd: MemcachedServer) -> None:
+    key = new_key()
+    member.run([acquire(key, "tok")])
+    assert member.run([Release(key, "other"), Release(key, "tok"), Release(key, "tok")]) == \
+        [False, True, False]
+    assert raw(mcd, key) is None
+    [grant] = member.run([acquire(key, "next")])
+    assert grant.acquired
+
+
+def test_cas_with_a_negative_expiry_deletes_only_the_version_read(
+        mcd: MemcachedServer) -> None:
+    """The memcached behaviour release relies on: ``cas`` with expiry -1 is a
+    compare-and-delete, refused once another client changed the item."""
+    client = mcd.client()
+    client.set("k", b"first", 60)
+    _, cas = client.gets("k")
+    client.set("k", b"successor", 60)
+    assert client.cas("k", b"", cas, -1) is False
+    assert client.get("k") == b"successor"
+    _, cas = client.gets("k")
+    assert client.cas("k", b"", cas, -1) is True
+    assert client.get("k") is None
+    assert client.add("k", b"again", 60) is True
+
+
+def test_read_gives_fields_token_ttl_and_fence(member: MemcachedMember) -> None:
+    key = new_key()
+    fixed = FixedMetadata([("task", "proj.sync"), ("hostname", "w1"), ("pid", 42)])
+    op = Acquire(key, "tok", 8000, FENCE_TTL_MS,
+                 (("owner", "task-1"), ("acquired_at", "1700000000.5"), ("ttl", "8.0")), fixed)
+    [grant, view, missing] = member.run([op, Read(key), Read(new_key())])
+    assert isinstance(view, LockView) and view.held and view.token == "tok"
+    assert view.name == member.name
+    assert view.fields == {"owner": "task-1", "acquired_at": "1700000000.5", "ttl": "8.0",
+                           "task": "proj.sync", "hostname": "w1", "pid": "42"}
+    assert 7.0 < view.ttl_s <= 8.0
+    assert getattr(view, "fence", grant.fence) == grant.fence
+    assert not missing.held and missing.token == ""
+
+
+def test_slots_hold_up_to_the_limit_and_share_one_counter(
+        member: MemcachedMember) -> None:
+    key = new_key()
+    ops = [AcquireSlot(key, t, ttl, FENCE_TTL_MS, 2, (("owner", t),))
+           for t, ttl in (("a", 9000), ("b", 4000), ("c", 9000), ("a", 9000))]
+    a, b, c, a_again = member.run(ops)
+    assert (a.acquired, a.slot, b.acquired, b.slot) == (True, 0, True, 1)
+    assert b.fence > a.fence
+    # Full: the holder named is the one whose slot frees first.
+    assert not c.acquired and c.holder == "b" and 0 < c.holder_pttl_ms <= 4000
+    assert a_again.acquired and a_again.slot == 0
+    assert member.run([Release(f"{key}:slot:0", "a")]) == [True]
+    [c2] = member.run([AcquireSlot(key, "c", 9000, FENCE_TTL_MS, 2, (("owner", "c"),))])
+    assert c2.acquired and c2.slot == 0 and c2.fence > b.fence
+    [view] = member.run([Read(f"{key}:slot:0")])
+    assert view.token == "c" and getattr(view, "fence", c2.fence) == c2.fence
+
+
+def test_restore_puts_a_lock_back_only_where_free_and_raises_the_counter(
+        member: MemcachedMember) -> None:
+    key = new_key()
+    fence = int(time.time() * 1e6) + 10**12
+    put_back, refused = member.run([
+        Restore(key, "tok", 5000, fence, FENCE_TTL_MS, (("owner", "t1"),)),
+        Restore(key, "other", 5000, fence + 5, FENCE_TTL_MS, ()),
+    ])
+    assert (put_back, refused) == (True, False)
+    [view] = member.run([Read(key)])
+    assert view.token == "tok" and view.fields["owner"] == "t1"
+    assert getattr(view, "fence", fence) == fence
+    # A raise never lowers; the next acquisition goes beyond it.
+    assert member.run([RaiseFence(key, fence - 100, FENCE_TTL_MS),
+                       RaiseFence(key, fence + 7, FENCE_TTL_MS),
+                       Release(key, "tok"), acquire(key, "next")])[:3] == [True, True, True]
+    [view] = member.run([Read(key)])
+    assert getattr(view, "fence", fence + 8) == fence + 8
+
+
+def test_handover_keeps_the_fence_and_swaps_the_token(member: MemcachedMember) -> None:
+    key = new_key()
+    [grant] = member.run([acquire(key, "enqueue", owner="task-1", mode="until_executed")])
+    refused, handed = member.run([
+        Handover(key, "wrong", "x", 5000, ()),
+        Handover(key, "enqueue", "worker", 9000, (("hostname", "w1"),)),
+    ])
+    assert refused is None and handed == grant.fence
+    [view, old_release] = member.run([Read(key), Release(key, "enqueue")])
+    assert view.token == "worker"
+    assert view.fields == {"owner": "task-1", "mode": "until_executed", "hostname": "w1"}
+    assert old_release is False
+    assert member.run([Release(key, "worker")]) == [True]
+
+
+def test_follow_keeps_one_follow_up_per_held_key(member: MemcachedMember) -> None:
+    key = new_key()
+    member.run([acquire(key, "tok-1", owner="task-1")])
+    assert member.run([Follow(key, "task-2", True, 5000), Follow(key, "task-3", True, 5000),
+                       Follow(key, "task-2", True, 5000)]) == \
+        [(True, "task-2"), (False, "task-2"), (True, "task-2")]
+    # The follow-up took the lock: it waits no more, so another may follow it.
+    member.run([Release(key, "tok-1"), acquire(key, "tok-2", owner="task-2")])
+    assert member.run([Follow(key, "task-3", True, 5000)]) == [(True, "task-3")]
+    assert member.run([Follow(key, "task-9", False), Follow(key, "task-3", False),
+                       Follow(key, "task-3", False)]) == \
+        [(False, "task-3"), (True, "task-3"), (False, "")]
+
+
+def test_claim_run_once_per_due_time_and_only_for_the_leader(
+        member: MemcachedMember) -> None:
+    leader = new_key("beat")
+    state = leader + ":schedule"
+    member.run([acquire(leader, "leader-tok")])
+    results = member.run([
+        ClaimRun(leader, "leader-tok", state, "every-minute", 0.0, 100.0),
+        ClaimRun(leader, "leader-tok", state, "every-minute", 0.0, 100.0),
+        ClaimRun(leader, "leader-tok", state, "every-minute", 100.0, 160.0),
+        ClaimRun(leader, "not-leader", state, "every-minute", 160.0, 220.0),
+        ClaimRun(leader, "leader-tok", state, "hourly", 0.0, 150.5),
+        ReadRuns(state),
+    ])
+    assert results == [1, 0, 1, -1, 1, {"every-minute": 160.0, "hourly": 150.5}]
+
+
+def test_force_release_with_and_without_a_token(member: MemcachedMember) -> None:
+    key = new_key()
+    member.run([acquire(key, "tok")])
+    assert member.run([ForceRelease(key, "other"), ForceRelease(key, "tok")]) == [False, True]
+    member.run([acquire(key, "tok2")])
+    assert member.run([ForceRelease(key), ForceRelease(key), Ping()]) == [True, False, True]
+
+
+def test_scan_lists_lock_keys_from_metadump(member: MemcachedMember) -> None:
+    assert member.can_list is True
+    keys = [new_key("proj.a") for _ in range(3)] + [new_key("proj.b")]
+    odd = "csl:{daily report 100%}"
+    other = "elsewhere:{x}"
+    ops: list[Any] = [acquire(k, "tok") for k in (*keys, odd, other)]
+    ops += [Follow(keys[0], "task-2", True, 5000), AcquireSlot(new_key("proj.c"), "s",
+            5000, FENCE_TTL_MS, 2, ()),
+            ClaimRun(keys[1], "tok", keys[1] + ":schedule", "e", 0.0, 1.0)]
+    results = member.run(ops)
+    assert not any(isinstance(r, BaseException) for r in results)
+    listed = member.scan("csl", None, None)
+    # Counters, the follow-up and beat's runs are not lock keys; the slot key is.
+    slot_keys = [k for k in listed if k.endswith(":slot:0")]
+    assert sorted(k for k in listed if not k.endswith(":slot:0")) == sorted([*keys, odd])
+    assert len(slot_keys) == 1
+    assert sorted(member.scan("csl", r"csl:proj.a:\{*", None)) == sorted(keys[:3])
+    assert len(member.scan("csl", None, 2)) == 2
+    member.run([Release(keys[0], "tok")])
+    assert keys[0] not in member.scan("csl", None, None)
+
+
+def test_a_server_without_the_lru_crawler_lists_nothing_and_says_why() -> None:
+    with MemcachedServer(extra_args=("-o", "no_lru_crawler")) as s:
+        m = MemcachedMember.from_url(s.url, socket_timeout=0.5, setting="x")
+        try:
+            assert m.can_list is False and "list" not in m.capabilities
+            with pytest.raises(LockBackendError, match="lru_crawler"):
+                m.scan("csl", None, None)
+            # Every lock operation still works.
+            key = new_key()
+            [grant] = m.run([acquire(key, "t")])
+            assert grant.acquired
+        finally:
+            m.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Faults
+
+
+@pytest.mark.slow
+def test_a_killed_or_hung_server_gives_exception_results_and_a_restart_heals() -> None:
+    with MemcachedServer() as s:
+        m = MemcachedMember.from_url(s.url, socket_timeout=0.3, setting="x")
+        key = new_key()
+        try:
+            [grant] = m.run([acquire(key, "a", ttl_ms=30_000)])
+            assert grant.acquired
+            s.pause()
+            t0 = time.monotonic()
+            results = m.run([Extend(key, "a", 30_000), Read(key), Release(key, "a")])
+            took = time.monotonic() - t0
+            assert all(isinstance(r, LockBackendError) for r in results), results
+            assert "timed out" in str(results[0])
+            assert took < 0.3 * 2 + 1.0, "one timeout per batch, not one per operation"
+            s.resume()
+            s.kill()
+            results = m.run([acquire(key, "b"), Ping()])
+            assert all(isinstance(r, LockBackendError) for r in results), results
+            # Restarted empty: the first batch after it works (a pooled connection the
+            # restart closed is replaced), and the lock is gone there.
+            s.start()
+            assert m.run([Extend(key, "a", 30_000), Ping()]) == [GONE, True]
+        finally:
+            m.close()
+
+
+def test_a_restart_keeps_the_fence_growing(mcd: MemcachedServer) -> None:
+    m = MemcachedMember.from_url(mcd.url, socket_timeout=0.5, setting="x")
+    try:
+        key = new_key()
+        [before] = m.run([acquire(key, "a")])
+        mcd.restart()
+        [after] = m.run([acquire(key, "b")])
+        assert after.acquired and after.fence > before.fence
+    finally:
+        m.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Through the registry: one server, a quorum of three
+
+
+def open_store(value: Any, **kwargs: Any) -> Any:
+    pytest.importorskip("celery_singleton_lock.backends.quorum")
+    from celery_singleton_lock.backends.registry import open_backend
+
+    return open_backend(value, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def three() -> Iterator[list[MemcachedServer]]:
+    servers = [MemcachedServer() for _ in range(3)]
+    try:
+        for s in servers:
+            s.start()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture
+def trio(three: list[MemcachedServer]) -> list[MemcachedServer]:
+    for s in three:
+        s.heal()
+        s.flush()
+    return three
+
+
+def test_one_url_opens_a_quorum_of_one(mcd: MemcachedServer) -> None:
+    store = open_store(mcd.url, socket_timeout=0.5)
+    try:
+        assert store.n_masters == 1 and "notify" not in store.capabilities
+        assert {"ttl", "limit", "follow", "handover", "beat", "list"} <= store.capabilities
+        key = new_key()
+        got = store.acquire(key, "tok", 10.0, [("owner", "task-1")])
+        assert got.acquired and got.fence > 0 and got.validity_s > 9.0
+        dup = store.acquire(key, "tok2", 10.0, [("owner", "task-2")])
+        assert not dup.acquired and dup.holder == "task-1"
+        assert store.holder(key) == "task-1" and store.owned(key, "tok")
+        from celery_singleton_lock.backends.base import Renewal
+
+        assert store.extend_many([Renewal(key, "tok", 20_000), Renewal(key, "nope", 20_000),
+                                  Renewal(new_key(), "tok", 20_000)]) == [True, False, False]
+        [record] = store.list_locks("csl", pattern=r"csl:t:\{*")
+        assert record.key == key and record.task_id == "task-1" and record.renewals == 1
+        assert store.release(key, "tok") is True and store.release(key, "tok") is False
+        assert store.holder(key) is None
+    finally:
+        store.close()
+
+
+def test_wait_released_wakes_within_the_poll_bound(mcd: MemcachedServer) -> None:
+    store = open_store(mcd.url, socket_timeout=0.5)
+    try:
+        key = new_key()
+        assert store.acquire(key, "holder", 30.0).acquired
+        woke: list[float] = []
+        released_at: list[float] = []
+
+        def tried() -> bool:
+            got = store.acquire(key, "waiter", 30.0)
+            if got.acquired:
+                woke.append(time.monotonic())
+            return got.acquired
+
+        waiter = threading.Thread(target=lambda: store.wait_released(key, 10.0, tried))
+        waiter.start()
+        wait_until(lambda: waiter.is_alive(), 2.0)
+        time.sleep(0.2)  # let the waiter find the lock held and start polling
+        released_at.append(time.monotonic())
+        assert store.release(key, "holder")
+        waiter.join(10.0)
+        assert woke, "the waiter never took the lock"
+        # Polled every 50 ms at most: woken well within half a second even on a loaded box.
+        assert woke[0] - released_at[0] < 0.5
+        assert store.owned(key, "waiter")
+    finally:
+        store.close()
+
+
+def test_three_servers_are_a_redlock_quorum(trio: list[MemcachedServer]) -> None:
+    store = open_store([s.url for s in trio], socket_timeout=0.3)
+    try:
+        assert store.n_masters == 3 and store.quorum == 2
+        key = new_key()
+        got = store.acquire(key, "tok", 10.0, [("owner", "task-1")])
+        assert got.acquired
+        assert all(raw(s, key)["t"] == "tok" for s in trio)
+        from celery_singleton_lock.backends.base import Renewal
+
+        assert store.extend_many([Renewal(key, "tok", 10_000)]) == [True]
+        assert not store.acquire(key, "tok2", 10.0).acquired
+        [record] = store.list_locks("csl")
+        assert record.masters == 3 and record.task_id == "task-1"
+        assert store.release(key, "tok")
+        assert all(raw(s, key) is None for s in trio)
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_one_member_down_of_three_still_acquires_and_a_second_down_refuses(
+        trio: list[MemcachedServer]) -> None:
+    store = open_store([s.url for s in trio], socket_timeout=0.3)
+    try:
+        trio[0].kill()
+        key = new_key()
+        t0 = time.monotonic()
+        got = store.acquire(key, "tok", 10.0, [("owner", "task-1")])
+        assert got.acquired and not got.backend_down
+        assert time.monotonic() - t0 < 1.0
+        assert len(got.errors) <= 1
+        assert store.release(key, "tok")
+        trio[1].pause()
+        t0 = time.monotonic()
+        down = store.acquire(key, "tok2", 10.0)
+        assert not down.acquired and down.backend_down
+        assert time.monotonic() - t0 < 0.3 + 1.0, "a hung member costs one socket timeout"
+    finally:
+        store.close()
+        for s in trio:
+            s.heal()
+
+
+def test_members_in_parallel_cost_about_one_member(trio: list[MemcachedServer]) -> None:
+    """A quorum's members work concurrently: three hung members cost one timeout, not
+    three."""
+    store = open_store([s.url for s in trio], socket_timeout=0.4)
+    try:
+        store.ping()
+        for s in trio:
+            s.pause()
+        t0 = time.monotonic()
+        got = store.acquire(new_key(), "tok", 10.0)
+        took = time.monotonic() - t0
+        assert not got.acquired and got.backend_down
+        assert took < 0.4 * 2 + 0.3, f"{took:.2f} s for three hung members"
+    finally:
+        for s in trio:
+            s.resume()
+        store.close()
