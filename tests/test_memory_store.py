@@ -312,7 +312,7 @@ def test_follow_keys_are_not_locks(member: MemoryMember) -> None:
     key = _key()
     one(member, Follow(key, "f1", True, 2000))
     assert one(member, Read(key)).held is False  # type: ignore[attr-defined]
-    assert member.scan("csl:", None, None) == []
+    assert member.scan("csl", None, None) == []
 
 
 # -- beat ------------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def test_claim_run_only_for_the_leader_and_once_per_due_time(member: MemoryMembe
     assert one(member, ClaimRun(lock, "leader", state, "e2", 0.0, 161.0)) == 1
     assert one(member, ReadRuns(state)) == {"e1": 160.0, "e2": 161.0}
     assert one(member, ReadRuns(_key())) == {}
-    assert member.scan("csl:", None, None) == [lock]  # beat state is not a lock
+    assert member.scan("csl", None, None) == [lock]  # beat state is not a lock
 
 
 # -- forced release, notifications ----------------------------------------------------------
@@ -411,21 +411,23 @@ def test_a_release_in_another_thread_wakes_a_waiter(member: MemoryMember) -> Non
 
 def test_scan_lists_held_lock_keys_by_prefix_pattern_and_limit(
         member: MemoryMember, clock: ManualClock) -> None:
-    keys = [f"csl:proj.a:{{{i:03d}}}" for i in range(5)] + ["csl:proj.b:{x}", "other:{y}"]
+    keys = [f"csl:proj.a:{{{i:03d}}}" for i in range(5)] + ["csl:proj.b:{x}", "other:{y}",
+                                                            "cslx:proj.a:{000}"]
     for key in keys:
         acquire(member, key, "t", ttl_ms=1000)
     acquire(member, "csl:short:{s}", "t", ttl_ms=10)
     one(member, AcquireSlot("csl:proj.c:{z}", "t", 1000, FENCE_TTL_MS, 2))
     one(member, Follow("csl:proj.a:{000}", "f", True, 1000))
     clock.advance(0.5)  # csl:short lapses
-    assert member.scan("csl:", None, None) == sorted(
-        keys[:6] + ["csl:proj.c:{z}:slot:0"])  # no counters, follow-ups or lapsed locks
-    assert member.scan("csl:proj.a:", None, 2) == keys[:2]
-    assert member.scan("csl:", r"csl:proj.a:\{00[13]\}", None) == [keys[1], keys[3]]
-    assert member.scan("csl:", "csl:proj.?:{*", None) == sorted(
+    # Under a key prefix: no counters, follow-ups, lapsed locks or other prefixes.
+    assert member.scan("csl", None, None) == sorted(keys[:6] + ["csl:proj.c:{z}:slot:0"])
+    assert member.scan("csl:proj.a", None, 2) == keys[:2]
+    assert member.scan("csl", r"csl:proj.a:\{00[13]\}", None) == [keys[1], keys[3]]
+    assert member.scan("csl", "csl:proj.?:{*", None) == sorted(
         keys[:6] + ["csl:proj.c:{z}:slot:0"])
-    assert member.scan("nothing:", None, None) == []
-    assert member.scan("csl:", None, 0) == []
+    assert member.scan("", None, None) == sorted(keys + ["csl:proj.c:{z}:slot:0"])
+    assert member.scan("nothing", None, None) == []
+    assert member.scan("csl", None, 0) == []
 
 
 @pytest.mark.parametrize(("pattern", "text", "matched"), [

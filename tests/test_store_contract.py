@@ -434,7 +434,8 @@ def test_follow_keeps_one_follow_up_and_unfollow_lets_another_in(
 def test_claim_run_lets_the_leader_send_each_due_time_once(
         kind: str, store: LockBackend) -> None:
     need(kind, store, Capability.BEAT)
-    lock_key, state_key, leader = new_key(), new_key(), token()
+    lock_key, leader = new_key(), token()
+    state_key = f"{lock_key}:schedule"  # as beat names it: one hash tag, one cluster slot
     take(store, lock_key, leader, owner="beat-1")
     assert store.claim_run(lock_key, leader, state_key, "every-minute", 0.0, 1000.0) == 1
     # A second leader that saw the entry's previous run as 0.0 finds it already sent.
@@ -476,8 +477,9 @@ def test_list_locks_by_prefix_pattern_and_limit_reads_every_page(
     b_keys = [f"{prefix}:task.b:{{{i:04d}}}" for i in range(50)]
     for i, key in enumerate([*a_keys, *b_keys]):
         assert store.acquire(key, tok, 60.0, meta(f"owner-{i}", task=key.split(":")[3])).acquired
-    take(store, f"{prefix}x:task.a:{{0}}", token())  # shares the prefix text, not the prefix
-    records = store.list_locks(prefix + ":")
+    # A key prefix names the keys "<prefix>:...": not those of a longer prefix.
+    take(store, f"{prefix}x:task.a:{{0}}", token())
+    records = store.list_locks(prefix)
     assert sorted(r.key for r in records) == sorted([*a_keys, *b_keys])
     by_key = {r.key: r for r in records}
     first = by_key[a_keys[0]]
@@ -485,12 +487,12 @@ def test_list_locks_by_prefix_pattern_and_limit_reads_every_page(
         "owner-0", "task.a", "contract-host", 4242, "while_executing")
     assert (first.masters, first.n_masters) == (store.n_masters, store.n_masters)
     assert by_key[b_keys[-1]].task_id == "owner-249"
-    only_b = store.list_locks(prefix + ":", pattern=f"{prefix}:task.b:*")
+    only_b = store.list_locks(prefix, pattern=f"{prefix}:task.b:*")
     assert sorted(r.key for r in only_b) == b_keys
-    some = store.list_locks(prefix + ":", limit=10)
+    some = store.list_locks(prefix, limit=10)
     assert len(some) == 10 and {r.key for r in some} <= set(a_keys + b_keys)
     errors: list[str] = []
-    assert store.list_locks(f"{prefix}:nothing:", errors=errors) == [] and errors == []
+    assert store.list_locks(f"{prefix}:nothing", errors=errors) == [] and errors == []
 
 
 def test_ping_answers_for_every_member(kind: str, store: LockBackend) -> None:

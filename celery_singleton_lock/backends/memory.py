@@ -399,14 +399,18 @@ class MemoryMember(QuorumMember):
         return sub
 
     def scan(self, prefix: str, pattern: str | None, limit: int | None) -> list[str]:
+        """Held lock keys under the key prefix ``prefix`` (``csl`` lists ``csl:...``, as the
+        Redis store's ``SCAN MATCH csl:*`` does; "" lists every lock), matching the glob
+        ``pattern`` when given, sorted, at most ``limit``."""
         if self.down:
             raise ConnectionError(f"{self.name} is down")
+        head = f"{prefix}:" if prefix else ""
         match = glob_regex(pattern).match if pattern else None
         state = self._state
         with state.lock:
             state.sweep(state.clock())
             keys = sorted(k for k in state.locks
-                          if k.startswith(prefix) and (match is None or match(k)))
+                          if k.startswith(head) and (match is None or match(k)))
         return keys if limit is None else keys[:max(0, limit)]
 
     def close(self) -> None:
