@@ -1,0 +1,614 @@
+"""The PostgreSQL lock store (``postgresql://``, ``postgres://``), on psycopg 3.
+
+A lock is a row of a lease table (:mod:`.sql` describes the tables). Every operation on a
+lock is one statement in autocommit mode, so one round trip:
+
+* acquire: ``INSERT ... ON CONFLICT (lock_key) DO UPDATE ... WHERE the lease expired or is
+  ours RETURNING fence``, with the holder's owner and remaining ttl read in the same
+  statement when it is not taken;
+* release: an owner-checked ``UPDATE`` that marks the row free and calls ``pg_notify``;
+* renewal: one ``UPDATE ... FROM unnest(keys, tokens, ttls)`` per batch, locking rows in key
+  order (two renewers of overlapping batches never deadlock).
+
+Expiry is measured on the server's clock (``statement_timestamp()``). Waiters ``LISTEN`` on
+the table's channel through one connection per process (a thread reads it), so a release
+wakes them at once. ``lock_limit`` slots and beat's claims take a short transaction that
+locks the base key's row (slots) or the leader's lock row (beat) first.
+
+A comma-separated host list (``postgresql://h1,h2/db?target_session_attrs=read-write``) is
+one store: libpq connects to whichever host is the primary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from ..errors import LockConfigError
+from ..urls import redact_url
+from .base import Capability, Renewal
+from .sql import (
+    PAGE_ROWS,
+    READ_COLUMNS,
+    WAIT_RECHECK_S,
+    Columns,
+    SQLBackend,
+    TableNames,
+    slot_base,
+    slot_key,
+    socket_readable,
+    table_names,
+)
+
+__all__ = ["PostgresBackend"]
+
+logger = logging.getLogger(__name__)
+
+#: The server's clock in microseconds, fixed for the statement.
+NOW = "(extract(epoch from statement_timestamp()) * 1000000)::bigint"
+_META = ("owner", "task", "hostname", "pid", "mode", "acquired_at", "lock_ttl", "renewals",
+         "extra")
+_COLS = ", ".join(READ_COLUMNS[:-1]) + ", extra::text"
+_HOSTS_CAP = 8
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class _Statements:
+    """The statements of one prefix's tables, built once."""
+
+    def __init__(self, t: TableNames) -> None:
+        locks, nxt, runs = _q(t.locks), _q(t.next), _q(t.runs)
+        took = "l.expires_us <= EXCLUDED.acquired_us"
+        keep = ",\n    ".join(f"{c} = CASE WHEN {took} THEN EXCLUDED.{c} ELSE l.{c} END"
+                              for c in _META)
+        insert = f"""
+INSERT INTO {locks} AS l (lock_key, token, expires_us, fence, last_fence, acquired_us,
+    owner, task, hostname, pid, mode, acquired_at, lock_ttl, renewals, extra)
+SELECT %(key)s, %(token)s, n.us + %(ttl_ms)s::bigint * 1000, {{fence}}, {{fence}}, n.us,
+    %(owner)s, %(task)s, %(hostname)s, %(pid)s::bigint, %(mode)s,
+    coalesce(%(acquired_at)s::float8, n.us / 1e6), %(lock_ttl)s::float8,
+    %(renewals)s::integer, %(extra)s::jsonb
+FROM (SELECT {NOW} AS us) n {{source}}"""
+        self.acquire = f"""
+WITH t AS ({insert.format(fence="n.us", source="")}
+ON CONFLICT (lock_key) DO UPDATE SET
+    token = EXCLUDED.token,
+    expires_us = EXCLUDED.expires_us,
+    fence = CASE WHEN {took} THEN GREATEST(l.last_fence + 1, EXCLUDED.fence) ELSE l.fence END,
+    last_fence = CASE WHEN {took} THEN GREATEST(l.last_fence + 1, EXCLUDED.fence)
+                      ELSE l.last_fence END,
+    acquired_us = CASE WHEN {took} THEN EXCLUDED.acquired_us ELSE l.acquired_us END,
+    {keep}
+WHERE {took} OR l.token = EXCLUDED.token
+RETURNING l.fence)
+SELECT true, fence, NULL::text, 0::bigint FROM t
+UNION ALL
+SELECT false, 0, h.owner, (h.expires_us - {NOW}) / 1000 FROM {locks} h
+WHERE h.lock_key = %(key)s AND NOT EXISTS (SELECT 1 FROM t)"""
+        self.holder = f"""
+SELECT owner, (expires_us - {NOW}) / 1000 FROM {locks}
+WHERE lock_key = %(key)s AND expires_us > {NOW}"""
+        # lock_limit: the base key's row counts for its slots; locking it serialises them.
+        self.lock_base = f"""
+INSERT INTO {locks} AS l (lock_key, acquired_us) VALUES (%(key)s, {NOW})
+ON CONFLICT (lock_key) DO UPDATE SET last_fence = l.last_fence RETURNING last_fence"""
+        self.slots = f"""
+SELECT lock_key, token, owner, (expires_us - {NOW}) / 1000 FROM {locks}
+WHERE lock_key = ANY(%(keys)s::text[])"""
+        self.refresh = f"""
+UPDATE {locks} SET expires_us = {NOW} + %(ttl_ms)s::bigint * 1000
+WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW} RETURNING fence"""
+        take = insert.format(fence="c.f", source=", c")
+        self.take_slot = f"""
+WITH c AS (UPDATE {locks} SET last_fence = GREATEST(last_fence + 1, {NOW}),
+                              acquired_us = {NOW}
+           WHERE lock_key = %(base)s RETURNING last_fence AS f)
+{take}
+ON CONFLICT (lock_key) DO UPDATE SET
+    token = EXCLUDED.token, expires_us = EXCLUDED.expires_us, fence = EXCLUDED.fence,
+    last_fence = EXCLUDED.last_fence, acquired_us = EXCLUDED.acquired_us,
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in _META)}
+WHERE l.expires_us <= EXCLUDED.acquired_us
+RETURNING l.fence"""
+        self.release = f"""
+WITH d AS (UPDATE {locks} SET token = NULL, expires_us = 0
+           WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW}
+           RETURNING lock_key)
+SELECT pg_notify(%(channel)s, %(base)s) FROM d"""
+        self.release_any = f"""
+WITH d AS (UPDATE {locks} SET token = NULL, expires_us = 0
+           WHERE lock_key = %(key)s AND expires_us > {NOW} RETURNING lock_key)
+SELECT pg_notify(%(channel)s, %(base)s) FROM d"""
+        self.extend = f"""
+WITH v AS (SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::text[], %(ttls)s::bigint[])
+           AS v(k, tok, ttl_ms)),
+c AS (SELECT l.lock_key FROM {locks} l JOIN v ON l.lock_key = v.k AND l.token = v.tok
+      WHERE l.expires_us > {NOW} ORDER BY l.lock_key FOR UPDATE OF l)
+UPDATE {locks} l SET expires_us = {NOW} + v.ttl_ms * 1000, renewals = l.renewals + %(count)s
+FROM v WHERE l.lock_key = v.k AND l.token = v.tok AND l.expires_us > {NOW}
+  AND l.lock_key IN (SELECT lock_key FROM c)
+RETURNING l.lock_key"""
+        self.read = f"""
+SELECT {_COLS}, expires_us - {NOW} FROM {locks}
+WHERE lock_key = %(key)s AND expires_us > {NOW}"""
+        self.held = f"SELECT 1 FROM {locks} WHERE lock_key = %(key)s AND expires_us > {NOW}"
+        page = f"""
+SELECT {_COLS}, expires_us - {NOW} FROM {locks}
+WHERE lock_key >= %(low)s AND lock_key > %(after)s {{high}}
+ORDER BY lock_key LIMIT {PAGE_ROWS}"""
+        self.page = page.format(high="AND lock_key < %(high)s")
+        self.page_open = page.format(high="")
+        self.follow = f"""
+WITH o AS (SELECT owner FROM {locks} WHERE lock_key = %(key)s AND expires_us > {NOW}),
+t AS (INSERT INTO {nxt} AS n (lock_key, task_id, expires_us)
+      VALUES (%(key)s, %(task_id)s, {NOW} + %(ttl_ms)s::bigint * 1000)
+      ON CONFLICT (lock_key) DO UPDATE SET task_id = EXCLUDED.task_id,
+                                           expires_us = EXCLUDED.expires_us
+      WHERE n.task_id = EXCLUDED.task_id OR n.expires_us <= {NOW}
+         OR n.task_id IN (SELECT owner FROM o)
+      RETURNING task_id)
+SELECT true, task_id FROM t
+UNION ALL
+SELECT false, task_id FROM {nxt}
+WHERE lock_key = %(key)s AND expires_us > {NOW} AND NOT EXISTS (SELECT 1 FROM t)"""
+        self.unfollow = f"DELETE FROM {nxt} WHERE lock_key = %(key)s AND task_id = %(task_id)s"
+        self.claim = f"""
+WITH leader AS (SELECT lock_key FROM {locks}
+                WHERE lock_key = %(lock_key)s AND token = %(token)s AND expires_us > {NOW}
+                FOR UPDATE),
+w AS (INSERT INTO {runs} AS r (state_key, entry, last_run)
+      SELECT %(state_key)s, %(entry)s, %(now)s::float8 FROM leader
+      ON CONFLICT (state_key, entry) DO UPDATE SET last_run = EXCLUDED.last_run
+      WHERE r.last_run <= %(previous)s::float8 + 0.0005
+      RETURNING 1)
+SELECT (SELECT count(*) FROM leader), (SELECT count(*) FROM w)"""
+        self.runs = f"SELECT entry, last_run FROM {runs} WHERE state_key = %(state_key)s"
+        self.sweep = f"""
+WITH page AS (SELECT lock_key FROM {locks} WHERE lock_key > %(after)s
+              ORDER BY lock_key LIMIT {PAGE_ROWS}),
+d AS (DELETE FROM {locks} l USING page p
+      WHERE l.lock_key = p.lock_key AND l.expires_us <= {NOW}
+        AND l.acquired_us < {NOW} - %(fence_ttl_ms)s::bigint * 1000
+      RETURNING 1),
+f AS (DELETE FROM {nxt} WHERE lock_key IN (
+          SELECT lock_key FROM {nxt} WHERE expires_us <= {NOW} LIMIT {PAGE_ROWS}
+          FOR UPDATE SKIP LOCKED)
+      RETURNING 1)
+SELECT (SELECT max(lock_key) FROM page), (SELECT count(*) FROM page),
+       (SELECT count(*) FROM d) + (SELECT count(*) FROM f)"""
+
+
+def ddl(t: TableNames) -> list[str]:
+    """The tables of one key prefix (also printed in the README)."""
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {_q(t.locks)} (
+    lock_key    text COLLATE "C" PRIMARY KEY,   -- byte order: prefix ranges use the index
+    token       text,                           -- the holder's token; NULL when free
+    expires_us  bigint NOT NULL DEFAULT 0,      -- lease end, server clock, µs since 1970
+    fence       bigint NOT NULL DEFAULT 0,      -- fencing token of the current holding
+    last_fence  bigint NOT NULL DEFAULT 0,      -- the key's counter (slots: in the base row)
+    acquired_us bigint NOT NULL DEFAULT 0,      -- last acquisition, server clock (sweep)
+    owner       text NOT NULL DEFAULT '',       -- holder's task id
+    task        text NOT NULL DEFAULT '',
+    hostname    text NOT NULL DEFAULT '',
+    pid         bigint,
+    mode        text NOT NULL DEFAULT '',
+    acquired_at double precision,               -- unix seconds
+    lock_ttl    double precision,               -- seconds
+    renewals    integer NOT NULL DEFAULT 0,
+    extra       jsonb                           -- other metadata fields
+) WITH (fillfactor = 70)""",
+        f"""CREATE TABLE IF NOT EXISTS {_q(t.next)} (
+    lock_key    text COLLATE "C" PRIMARY KEY,
+    task_id     text NOT NULL,
+    expires_us  bigint NOT NULL
+)""",
+        f"""CREATE TABLE IF NOT EXISTS {_q(t.runs)} (
+    state_key   text COLLATE "C" NOT NULL,
+    entry       text NOT NULL,
+    last_run    double precision NOT NULL,      -- unix seconds
+    PRIMARY KEY (state_key, entry)
+)""",
+    ]
+
+
+class PostgresBackend(SQLBackend):
+    """Locks in a PostgreSQL database (one URL; a libpq host list is one store)."""
+
+    capabilities: ClassVar[frozenset[str]] = SQLBackend.capabilities | {Capability.NOTIFY}
+    schemes = ("postgresql", "postgres")
+    extra = "postgres"
+    #: Commas in a postgresql:// URL separate libpq's hosts of one database.
+    comma_separates_urls = False
+
+    def __init__(self, url: str, conninfo: dict[str, Any], *, socket_timeout: float,
+                 fence_ttl_ms: int) -> None:
+        import psycopg
+
+        super().__init__(url, socket_timeout=socket_timeout, fence_ttl_ms=fence_ttl_ms)
+        self._psycopg = psycopg
+        self.driver_errors = (psycopg.Error, OSError)
+        self._conninfo = conninfo
+        self._statements: dict[str, _Statements] = {}
+        self._listener: _Listener | None = None
+        self._listener_lock = threading.Lock()
+
+    @classmethod
+    def from_urls(cls, urls: Sequence[str], *, socket_timeout: float, fence_ttl_ms: int,
+                  setting: str) -> PostgresBackend:
+        url = cls.check_single(urls, setting)
+        try:
+            import psycopg  # noqa: F401
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError as exc:
+            raise cls.missing_driver(setting, exc) from exc
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in cls.schemes:
+            raise LockConfigError(f"{setting}: not a postgresql:// URL: {redact_url(url)}",
+                                  setting=setting)
+        try:
+            params = conninfo_to_dict(url)
+        except Exception as exc:
+            raise LockConfigError(
+                f"{setting}: cannot parse the PostgreSQL URL {redact_url(url)} "
+                f"({redact_url(str(exc))})", setting=setting) from None
+        port = str(params.get("port", "5432"))
+        if not all(p.strip().isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
+            raise LockConfigError(f"{setting}: bad port in {redact_url(url)}", setting=setting)
+        if not params.get("dbname"):
+            raise LockConfigError(
+                f"{setting}: the PostgreSQL URL {redact_url(url)} names no database "
+                "(postgresql://user@host:5432/dbname)", setting=setting)
+        timeout_ms = int(max(1.0, 5.0 * socket_timeout) * 1000)
+        options = str(params.get("options", "") or "")
+        params["options"] = (f"{options} -c statement_timeout={timeout_ms} "
+                             f"-c lock_timeout={timeout_ms} "
+                             f"-c idle_in_transaction_session_timeout={timeout_ms * 10}").strip()
+        params.setdefault("connect_timeout", str(max(2, int(timeout_ms / 1000) + 1)))
+        params.setdefault("application_name", "celery-singleton-lock")
+        params.setdefault("keepalives", "1")
+        params.setdefault("keepalives_idle", "5")
+        params.setdefault("keepalives_interval", "2")
+        params.setdefault("keepalives_count", "3")
+        params.setdefault("tcp_user_timeout", str(timeout_ms))
+        return cls(url, params, socket_timeout=socket_timeout, fence_ttl_ms=fence_ttl_ms)
+
+    # -- driver hooks ----------------------------------------------------------------------
+
+    def connect(self) -> Any:
+        return self._psycopg.connect(autocommit=True, **self._conninfo)
+
+    def usable(self, conn: Any, idle_s: float) -> bool:
+        if conn.closed or conn.broken:
+            return False
+        if conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
+            return False
+        # An idle connection has nothing to read unless the server ended it.
+        return not socket_readable(conn.fileno())
+
+    def discard(self, conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+    def missing_table(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._psycopg.errors.UndefinedTable)
+
+    @classmethod
+    def ddl(cls, names: TableNames) -> list[str]:
+        return ddl(names)
+
+    def create_tables(self, conn: Any, names: TableNames) -> None:
+        wanted = [names.locks, names.next, names.runs]
+        rows = conn.execute("SELECT to_regclass(n) IS NOT NULL FROM unnest(%s::text[]) n",
+                            ([_q(n) for n in wanted],)).fetchall()
+        if all(r[0] for r in rows):
+            return  # made before (or by a migration): no CREATE privilege needed
+        with conn.transaction():
+            # Concurrent CREATE TABLE IF NOT EXISTS can collide in the catalog: serialise.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                         ("celery_singleton_lock:" + names.locks,))
+            for statement in ddl(names):
+                conn.execute(statement)
+
+    def st(self, t: TableNames) -> _Statements:
+        s = self._statements.get(t.base)
+        if s is None:
+            s = self._statements[t.base] = _Statements(t)
+        return s
+
+    # -- operations --------------------------------------------------------------------------
+
+    @staticmethod
+    def _params(key: str, token: str, ttl_ms: int, cols: Columns) -> dict[str, Any]:
+        return {"key": key, "token": token, "ttl_ms": ttl_ms, "owner": cols.owner,
+                "task": cols.task, "hostname": cols.hostname, "pid": cols.pid,
+                "mode": cols.mode, "acquired_at": cols.acquired_at, "lock_ttl": cols.lock_ttl,
+                "renewals": cols.renewals, "extra": cols.extra}
+
+    def op_acquire(self, conn: Any, t: TableNames, key: str, token: str, ttl_ms: int,
+                   cols: Columns) -> tuple[bool, int, str | None, int]:
+        s = self.st(t)
+        row = conn.execute(s.acquire, self._params(key, token, ttl_ms, cols)).fetchone()
+        if row is None:
+            # Lost a race with a holder that committed after this statement's snapshot.
+            row = conn.execute(s.holder, {"key": key}).fetchone()
+            return (False, 0, row[0], int(row[1])) if row else (False, 0, None, -1)
+        got, fence, owner, pttl = row
+        return (True, int(fence), None, -1) if got else (False, 0, owner or "", int(pttl))
+
+    def op_acquire_slot(self, conn: Any, t: TableNames, key: str, token: str, ttl_ms: int,
+                        limit: int, cols: Columns) -> tuple[bool, int, str | None, int, int]:
+        s = self.st(t)
+        keys = [slot_key(key, i) for i in range(limit)]
+        with conn.transaction():
+            conn.execute(s.lock_base, {"key": key})
+            rows = {r[0]: r for r in conn.execute(s.slots, {"keys": keys}).fetchall()}
+            free = None
+            owner, least = "", -1
+            for i, k in enumerate(keys):
+                row = rows.get(k)
+                if row is None or int(row[3]) <= 0:
+                    free = i if free is None else free
+                    continue
+                if row[1] == token:
+                    got = conn.execute(s.refresh, {"key": k, "token": token,
+                                                   "ttl_ms": ttl_ms}).fetchone()
+                    if got is not None:
+                        return True, int(got[0]), None, -1, i
+                if least < 0 or int(row[3]) < least:
+                    owner, least = row[2] or "", int(row[3])
+            if free is None:
+                return False, 0, owner, least, -1
+            params = self._params(keys[free], token, ttl_ms, cols)
+            params["base"] = key
+            got = conn.execute(s.take_slot, params).fetchone()
+            if got is None:
+                return False, 0, owner, least, -1
+            return True, int(got[0]), None, -1, free
+
+    def op_release(self, conn: Any, t: TableNames, key: str, token: str | None) -> bool:
+        s = self.st(t)
+        params = {"key": key, "token": token, "channel": t.channel, "base": slot_base(key)}
+        return conn.execute(s.release if token is not None else s.release_any,
+                            params).fetchone() is not None
+
+    def op_extend(self, conn: Any, t: TableNames, items: Sequence[Renewal],
+                  count: bool) -> list[bool]:
+        order = sorted(range(len(items)), key=lambda i: items[i].key)
+        params = {"keys": [items[i].key for i in order],
+                  "tokens": [items[i].token for i in order],
+                  "ttls": [max(1, int(items[i].ttl_ms)) for i in order],
+                  "count": 1 if count else 0}
+        done = {r[0] for r in conn.execute(self.st(t).extend, params).fetchall()}
+        return [item.key in done for item in items]
+
+    def op_handover(self, conn: Any, t: TableNames, key: str, token: str, new_token: str,
+                    ttl_ms: int, cols: Columns, given: list[str]) -> int | None:
+        sets = [f"{c} = %({c})s" for c in given]
+        if cols.extra is not None:
+            sets.append("extra = coalesce(extra, '{}'::jsonb) || %(extra)s::jsonb")
+        sql = (f"UPDATE {_q(t.locks)} SET token = %(new)s, "
+               f"expires_us = {NOW} + %(ttl_ms)s::bigint * 1000"
+               + "".join(", " + x for x in sets)
+               + f" WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW}"
+               " RETURNING fence")
+        params = self._params(key, token, ttl_ms, cols)
+        params["new"] = new_token
+        row = conn.execute(sql, params).fetchone()
+        return None if row is None else int(row[0])
+
+    def op_read(self, conn: Any, t: TableNames, key: str) -> tuple[Any, ...] | None:
+        row = conn.execute(self.st(t).read, {"key": key}).fetchone()
+        return None if row is None else tuple(row)
+
+    def op_held(self, conn: Any, t: TableNames, key: str) -> bool:
+        return conn.execute(self.st(t).held, {"key": key}).fetchone() is not None
+
+    def op_page(self, conn: Any, t: TableNames, low: str, high: str | None,
+                after: str | None) -> list[tuple[Any, ...]]:
+        s = self.st(t)
+        params = {"low": low, "high": high, "after": after or ""}
+        return [tuple(r) for r in conn.execute(s.page if high is not None else s.page_open,
+                                               params).fetchall()]
+
+    def op_follow(self, conn: Any, t: TableNames, key: str, task_id: str,
+                  ttl_ms: int) -> str | None:
+        s = self.st(t)
+        for _ in range(3):
+            row = conn.execute(s.follow, {"key": key, "task_id": task_id,
+                                          "ttl_ms": ttl_ms}).fetchone()
+            if row is not None:
+                return None if row[0] else str(row[1])
+        return None
+
+    def op_unfollow(self, conn: Any, t: TableNames, key: str, task_id: str) -> None:
+        conn.execute(self.st(t).unfollow, {"key": key, "task_id": task_id})
+
+    def op_claim_run(self, conn: Any, t: TableNames, lock_key: str, token: str,
+                     state_key: str, entry: str, previous: float, now: float) -> int:
+        leader, written = conn.execute(self.st(t).claim, {
+            "lock_key": lock_key, "token": token, "state_key": state_key, "entry": entry,
+            "previous": float(previous), "now": float(now)}).fetchone()
+        if not leader:
+            return -1
+        return 1 if written else 0
+
+    def op_last_runs(self, conn: Any, t: TableNames, state_key: str) -> dict[str, float]:
+        return {str(e): float(v) for e, v in
+                conn.execute(self.st(t).runs, {"state_key": state_key}).fetchall()}
+
+    def op_sweep(self, conn: Any, t: TableNames, after: str) -> tuple[str | None, int]:
+        last, n_page, deleted = conn.execute(self.st(t).sweep, {
+            "after": after, "fence_ttl_ms": self.fence_ttl_ms}).fetchone()
+        return (last if n_page >= PAGE_ROWS else None), int(deleted)
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _get_listener(self) -> _Listener:
+        with self._listener_lock:
+            if self._listener is None or self._listener.pid != os.getpid():
+                self._listener = _Listener(self)
+            return self._listener
+
+    def watch(self, key: str) -> threading.Event | None:
+        t = table_names(key)
+        try:
+            with self.connection(t):
+                pass  # the table (and so the channel's sender) exists
+        except self.driver_errors:
+            pass
+        return self._get_listener().watch(t.channel, slot_base(key))
+
+    def unwatch(self, key: str, event: threading.Event) -> None:
+        listener = self._listener
+        if listener is not None:
+            listener.unwatch(slot_base(key), event)
+
+    def sleep_until_released(self, key: str, watch: threading.Event | None,
+                             remaining: float) -> None:
+        listener = self._listener
+        channel = table_names(key).channel
+        if watch is None or listener is None or not listener.listening(channel):
+            # No notification (the listening connection is down): poll.
+            super().sleep_until_released(key, None, remaining)
+            return
+        watch.wait(min(remaining, WAIT_RECHECK_S))
+
+    def close(self) -> None:
+        with self._listener_lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
+        super().close()
+
+
+class _Listener:
+    """One ``LISTEN`` connection per store and process, read by a daemon thread that wakes
+    the waiters of each released key."""
+
+    def __init__(self, backend: PostgresBackend) -> None:
+        self.pid = os.getpid()
+        self._backend = weakref.proxy(backend)
+        self._lock = threading.Condition()
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._wanted: set[str] = set()
+        self._on: set[str] = set()
+        self._stop = False
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._thread = threading.Thread(target=self._run, name="celery-singleton-lock-listen",
+                                        daemon=True)
+        self._thread.start()
+
+    def listening(self, channel: str) -> bool:
+        return channel in self._on
+
+    def watch(self, channel: str, key: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(key, set()).add(event)
+            if channel not in self._wanted:
+                self._wanted.add(channel)
+                self._poke()
+            # LISTEN must be in force before the first try, or a release between the try
+            # and the wait would go unseen.
+            deadline = time.monotonic() + 2.0
+            while channel not in self._on and not self._stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break  # the caller polls meanwhile
+                self._lock.wait(left)
+        return event
+
+    def unwatch(self, key: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._waiters.get(key)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiters[key]
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._w, b"x")
+        except OSError:
+            pass
+
+    def _wake(self, key: str | None) -> None:
+        with self._lock:
+            if key is None:
+                events = [e for es in self._waiters.values() for e in es]
+            else:
+                events = list(self._waiters.get(key, ()))
+        for event in events:
+            event.set()
+
+    def _listen(self, conn: Any) -> None:
+        with self._lock:
+            todo = self._wanted - self._on
+        for channel in todo:
+            conn.execute(f"LISTEN {_q(channel)}")
+        with self._lock:
+            self._on |= todo
+            self._lock.notify_all()
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop:
+            conn = None
+            try:
+                conn = self._backend.connect()
+                self._listen(conn)
+                backoff = 0.05
+                self._wake(None)  # releases while no connection listened went unseen
+                while not self._stop:
+                    ready, _, _ = select.select([conn.fileno(), self._r], [], [], 5.0)
+                    if self._r in ready:
+                        try:
+                            os.read(self._r, 4096)
+                        except OSError:
+                            pass
+                        self._listen(conn)
+                    if conn.fileno() in ready:
+                        got = False
+                        for note in conn.notifies(timeout=0.0):
+                            got = True
+                            self._wake(note.payload)
+                        if not got:  # readable but no notification: is it still there?
+                            conn.execute("SELECT 1")
+            except ReferenceError:
+                return
+            except Exception as exc:
+                logger.debug("lock release listener: %s", redact_url(str(exc)))
+                with self._lock:
+                    self._on.clear()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

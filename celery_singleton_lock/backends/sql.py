@@ -1,0 +1,875 @@
+"""What the PostgreSQL and MySQL/MariaDB lock stores share: tables, metadata, connections.
+
+A lock is one row of a *lease table* (``<prefix>_locks``), keyed by the lock key:
+
+* ``token`` and ``expires_us``: the holder's token and the end of its lease, in microseconds
+  of the **database server's** clock (``expires_us <= now``: free). A release marks the row
+  free (``expires_us = 0``) instead of deleting it, so the row keeps its fencing counter.
+* ``fence``: the fencing token of the current holding; ``last_fence``: the key's counter (for
+  a ``lock_limit`` lock, the base key's row counts for all of its slots). Every acquisition
+  sets ``last_fence = GREATEST(last_fence + 1, now_us)``: it grows by at least one, and a row
+  that is made anew (the key was never used, or its row was swept) starts at the server's time
+  in microseconds, above any token issued before it was swept.
+* holder metadata: ``owner`` (task id), ``task``, ``hostname``, ``pid``, ``mode``,
+  ``acquired_at`` (unix seconds), ``lock_ttl`` (seconds), ``renewals``, and ``extra`` (any
+  other field, as JSON).
+
+Rows that are free and whose last acquisition is older than ``singleton_lock_fence_ttl`` are
+deleted by a bounded sweep (one page of the primary key at a time), so the table holds one
+row per key used within that window. Follow-ups (``coalesce``) live in ``<prefix>_lock_next``
+and beat's state in ``<prefix>_lock_runs``.
+
+The *prefix* is the part of the key before its first ``:`` (``csl`` for ``csl:task:{...}``;
+a key without ``:`` uses ``csl``), lowered and with any character other than ``[a-z0-9_]``
+replaced by ``_`` (plus a short digest when that changed the prefix, so two prefixes never
+share a table). Tables are created on first use; the README gives their DDL.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from ..errors import LockBackendError, LockConfigError
+from ..urls import redact_url
+from .base import (
+    FENCE_TTL_MS,
+    AcquireResult,
+    Capability,
+    FixedMetadata,
+    LockBackend,
+    LockRecord,
+    LockView,
+    Renewal,
+    all_metadata,
+)
+
+__all__ = ["SQLBackend", "TableNames", "table_names", "slot_base", "slot_key"]
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of a key that has no ``:``.
+DEFAULT_PREFIX = "csl"
+#: Rows read per page by listings and by the sweep.
+PAGE_ROWS = 500
+#: Seconds between two sweeps of one table (each sweeps one page).
+SWEEP_INTERVAL_S = 10.0
+#: Locks renewed per statement by ``extend_many``.
+RENEW_BATCH = 500
+#: Longest wait between two tries of ``wait_released`` (an expiry sends no notification).
+WAIT_RECHECK_S = 1.0
+#: Connections kept idle per store.
+MAX_IDLE = 8
+
+_UNSAFE = re.compile(r"[^a-z0-9_]")
+_SLOT_SUFFIX = re.compile(r"(?<=\}):slot:\d+$")
+
+#: Metadata fields kept in their own columns (the rest go to ``extra``).
+TEXT_COLUMNS = ("owner", "task", "hostname", "mode")
+#: Longest text kept per column (MySQL's VARCHAR sizes; PostgreSQL keeps the same).
+TEXT_LIMITS = {"owner": 255, "task": 1024, "hostname": 255, "mode": 64}
+
+
+def slot_key(key: str, index: int) -> str:
+    """Slot ``index`` of a lock several holders may hold at once (``lock_limit``)."""
+    return f"{key}:slot:{index}"
+
+
+def slot_base(key: str) -> str:
+    """The lock a slot key belongs to (``key`` itself when it is not a slot key)."""
+    return _SLOT_SUFFIX.sub("", key) if key[-1:].isdigit() else key
+
+
+class TableNames:
+    """The tables (and PostgreSQL notification channel) of one key prefix."""
+
+    __slots__ = ("prefix", "base", "locks", "next", "runs", "channel")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        base = _UNSAFE.sub("_", prefix.lower())[:32] or DEFAULT_PREFIX
+        if base != prefix:
+            base += "_" + hashlib.sha256(prefix.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        self.base = base
+        self.locks = f"{base}_locks"
+        self.next = f"{base}_lock_next"
+        self.runs = f"{base}_lock_runs"
+        self.channel = f"{base}_locks_released"
+
+    def __repr__(self) -> str:
+        return f"TableNames({self.prefix!r} -> {self.locks!r})"
+
+
+_names_cache: dict[str, TableNames] = {}
+
+
+def prefix_of(key: str) -> str:
+    """The key prefix whose tables hold ``key``: the part before the first ``:``."""
+    head, sep, _ = key.partition(":")
+    return head if sep and head else DEFAULT_PREFIX
+
+
+def table_names(key_or_prefix: str, *, is_prefix: bool = False) -> TableNames:
+    prefix = (key_or_prefix.partition(":")[0] or DEFAULT_PREFIX) if is_prefix \
+        else prefix_of(key_or_prefix)
+    names = _names_cache.get(prefix)
+    if names is None:
+        names = _names_cache[prefix] = TableNames(prefix)
+    return names
+
+
+# ------------------------------------------------------------------------------------------
+# Metadata <-> columns
+
+
+class Columns:
+    """Holder metadata as column values."""
+
+    __slots__ = ("owner", "task", "hostname", "mode", "pid", "acquired_at", "lock_ttl",
+                 "renewals", "extra")
+
+    def __init__(self, pairs: Sequence[tuple[str, Any]], ttl_s: float | None) -> None:
+        self.owner = self.task = self.hostname = self.mode = ""
+        self.pid: int | None = None
+        self.acquired_at: float | None = None
+        self.lock_ttl: float | None = ttl_s
+        self.renewals = 0
+        extra: dict[str, str] = {}
+        for name, value in pairs:
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            if name in TEXT_LIMITS:
+                setattr(self, name, text[:TEXT_LIMITS[name]])
+            elif name == "pid":
+                self.pid = _int_or_none(text)
+            elif name == "acquired_at":
+                self.acquired_at = _float_or_none(text)
+            elif name == "ttl":
+                self.lock_ttl = _float_or_none(text)
+            elif name == "renewals":
+                self.renewals = _int_or_none(text) or 0
+            elif name in ("fence", "token"):
+                continue  # the row's own
+            else:
+                extra[name] = text
+        self.extra = json.dumps(extra, sort_keys=True) if extra else None
+
+    def given(self, pairs: Sequence[tuple[str, Any]]) -> list[str]:
+        """The columns ``pairs`` name (for a handover, which overwrites only those)."""
+        names = {n for n, _ in pairs}
+        cols = [c for c in TEXT_COLUMNS if c in names]
+        cols += [col for field, col in (("pid", "pid"), ("acquired_at", "acquired_at"),
+                                        ("ttl", "lock_ttl"), ("renewals", "renewals"))
+                 if field in names]
+        return cols
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return int(float(text))
+        except (ValueError, OverflowError):
+            return None
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+#: The columns a lock row is read with, in this order (:func:`view_of`).
+READ_COLUMNS = ("lock_key", "token", "fence", "owner", "task", "hostname", "pid", "mode",
+                "acquired_at", "lock_ttl", "renewals", "extra")
+
+
+def view_of(name: str, row: Sequence[Any]) -> tuple[str, LockView]:
+    """(key, view) of a row read as :data:`READ_COLUMNS` followed by the µs left."""
+    (key, token, fence, owner, task, hostname, pid, mode, acquired_at, lock_ttl, renewals,
+     extra, left_us) = row
+    fields: dict[str, str] = {}
+    if extra:
+        try:
+            loaded = json.loads(extra) if isinstance(extra, (str, bytes)) else extra
+            fields.update({str(k): str(v) for k, v in dict(loaded).items()})
+        except (ValueError, TypeError):
+            pass
+    fields.update({
+        "owner": owner or "", "task": task or "", "hostname": hostname or "",
+        "mode": mode or "", "pid": "" if pid is None else str(pid),
+        "acquired_at": "" if acquired_at is None else f"{float(acquired_at):.6f}",
+        "ttl": "" if lock_ttl is None else repr(float(lock_ttl)),
+        "renewals": str(renewals or 0), "fence": str(fence),
+    })
+    view = LockView(name=name, held=True, token=token or "",
+                    ttl_s=max(0.0, int(left_us) / 1e6), fields=fields)
+    return key, view
+
+
+# ------------------------------------------------------------------------------------------
+# Connections: a small pool per store, per process
+
+
+_live_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+
+
+def _detach_after_fork() -> None:
+    for pool in list(_live_pools):
+        pool.forget_inherited()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_detach_after_fork)
+
+
+class ConnectionPool:
+    """Idle connections of one store, shared by the threads of one process.
+
+    A connection is used by one thread at a time (checked out by :meth:`connection`). A
+    forked child never uses its parent's connections (the pool compares ``os.getpid()``): it
+    keeps them unused and unclosed, since closing would end the parent's session (psycopg and
+    PyMySQL themselves never close a connection made by another process when it is
+    garbage-collected).
+    """
+
+    def __init__(self, backend: SQLBackend) -> None:
+        self._backend = weakref.proxy(backend)
+        self._lock = threading.Lock()
+        self._idle: list[tuple[Any, float]] = []
+        self._pid = os.getpid()
+        self._inherited: list[Any] = []
+        _live_pools.add(self)
+
+    def forget_inherited(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            try:
+                self._backend.detach(conn)
+            except ReferenceError:
+                pass
+            self._inherited.append(conn)  # never finalised in this process
+
+    def get(self) -> Any:
+        if self._pid != os.getpid():
+            self.forget_inherited()
+        while True:
+            with self._lock:
+                conn, since = self._idle.pop() if self._idle else (None, 0.0)
+            if conn is None:
+                return self._backend.connect()
+            if self._backend.usable(conn, time.monotonic() - since):
+                return conn
+            self._backend.discard(conn)
+
+    def put(self, conn: Any) -> None:
+        if self._pid != os.getpid():
+            self._inherited.append(conn)
+            return
+        with self._lock:
+            if len(self._idle) < MAX_IDLE:
+                self._idle.append((conn, time.monotonic()))
+                return
+        self._backend.discard(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        if self._pid != os.getpid():
+            self._inherited.extend(c for c, _ in idle)
+            return
+        for conn, _ in idle:
+            self._backend.discard(conn)
+
+
+def socket_readable(fd: int) -> bool:
+    """True if ``fd`` has something to read now: an idle connection's server has spoken
+    (a termination notice, or end of file), so the connection must not be reused."""
+    try:
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+# ------------------------------------------------------------------------------------------
+# The store
+
+
+class SQLBackend(LockBackend):
+    """A lock store in one SQL database (PostgreSQL or MySQL/MariaDB): see the module doc.
+
+    Subclasses give the driver calls and the dialect's statements; this class gives the
+    connection handling, error mapping, tables, paging, sweeping and waiting.
+    """
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({
+        Capability.TTL, Capability.ADOPTABLE, Capability.LIMIT, Capability.FOLLOW,
+        Capability.HANDOVER, Capability.BEAT, Capability.LIST,
+    })
+    #: URL schemes of this store (for messages).
+    schemes: ClassVar[tuple[str, ...]] = ()
+    #: The extra that brings the driver.
+    extra: ClassVar[str] = ""
+    #: Driver exceptions that mean "the database did not answer or refused".
+    driver_errors: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
+
+    def __init__(self, url: str, *, socket_timeout: float, fence_ttl_ms: int) -> None:
+        self.url = url
+        self.description = redact_url(url)
+        self.clock = time.monotonic
+        self.socket_timeout = socket_timeout
+        #: Bound on one statement: a database commits slower than Redis answers.
+        self.statement_timeout_s = max(1.0, 5.0 * socket_timeout)
+        self.fence_ttl_ms = int(fence_ttl_ms)
+        self._pool = ConnectionPool(self)
+        self._ready: set[str] = set()
+        self._ready_lock = threading.Lock()
+        self._next_sweep: dict[str, float] = {}
+        self._sweep_cursor: dict[str, str] = {}
+        self._sweep_lock = threading.Lock()
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def check_single(cls, urls: Sequence[str], setting: str) -> str:
+        urls = list(urls)
+        if not urls:
+            raise LockConfigError(f"{setting}: no {cls.schemes[0]}:// URL given", setting=setting)
+        if len(urls) > 1:
+            raise LockConfigError(
+                f"{setting}: quorum over databases is not supported: a "
+                f"{'/'.join(s + '://' for s in cls.schemes)} URL is one lock store, and "
+                f"{len(urls)} were given ({', '.join(redact_url(u) for u in urls)}); give one "
+                "database URL", setting=setting,
+            )
+        url = urls[0]
+        if not isinstance(url, str):
+            raise LockConfigError(f"{setting}: a lock store URL must be a str, not "
+                                  f"{type(url).__name__}", setting=setting)
+        return url.strip()
+
+    @classmethod
+    def missing_driver(cls, setting: str, exc: ImportError) -> LockConfigError:
+        return LockConfigError(
+            f"{setting}: the {cls.schemes[0]}:// lock store needs a driver that is not "
+            f"installed ({exc}); pip install 'celery-singleton-lock[{cls.extra}]'",
+            setting=setting,
+        )
+
+    # -- driver hooks ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def connect(self) -> Any:
+        """A new connection in autocommit mode, its session set up."""
+
+    @abc.abstractmethod
+    def usable(self, conn: Any, idle_s: float) -> bool:
+        """Whether an idle connection can be reused."""
+
+    @abc.abstractmethod
+    def discard(self, conn: Any) -> None:
+        """Close a connection, ignoring errors."""
+
+    def detach(self, conn: Any) -> None:
+        """Make an inherited connection safe to drop in a forked child (default: nothing)."""
+
+    @abc.abstractmethod
+    def missing_table(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says a table does not exist."""
+
+    @abc.abstractmethod
+    def create_tables(self, conn: Any, names: TableNames) -> None:
+        """Create ``names``' tables if they do not exist."""
+
+    @classmethod
+    @abc.abstractmethod
+    def ddl(cls, names: TableNames) -> list[str]:
+        """The CREATE statements of one prefix's tables."""
+
+    # -- running statements ----------------------------------------------------------------
+
+    def failure(self, what: str, exc: BaseException, key: str | None = None) -> LockBackendError:
+        return LockBackendError(
+            f"{what}: the lock store {self.description} did not answer "
+            f"({redact_url(type(exc).__name__ + ': ' + str(exc).strip())})",
+            lock_key=key,
+        )
+
+    def reason(self, exc: BaseException) -> str:
+        return f"{self.description}: {redact_url(type(exc).__name__ + ': ' + str(exc).strip())}"
+
+    @contextmanager
+    def connection(self, names: TableNames | None = None) -> Iterator[Any]:
+        """A connection for one operation, returned to the pool if it went well. Driver
+        errors are raised as they are (callers map them)."""
+        conn = self._pool.get()
+        try:
+            if names is not None and names.base not in self._ready:
+                self._ensure(conn, names)
+            yield conn
+        except BaseException:
+            self.discard(conn)
+            raise
+        else:
+            self._pool.put(conn)
+
+    def _ensure(self, conn: Any, names: TableNames) -> None:
+        with self._ready_lock:
+            if names.base in self._ready:
+                return
+        self.create_tables(conn, names)
+        with self._ready_lock:
+            self._ready.add(names.base)
+
+    def run(self, names: TableNames | None, fn: Callable[[Any], Any]) -> Any:
+        """``fn(conn)`` on a pooled connection; once more on a new one if a table was
+        missing (dropped since it was made: it is made again). Driver errors propagate."""
+        for attempt in (0, 1):
+            try:
+                with self.connection(names) as conn:
+                    return fn(conn)
+            except self.driver_errors as exc:
+                if attempt == 0 and names is not None and self.missing_table(exc):
+                    with self._ready_lock:
+                        self._ready.discard(names.base)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def call(self, what: str, key: str | None, names: TableNames | None,
+             fn: Callable[[Any], Any]) -> Any:
+        """:meth:`run`, a driver error raised as :class:`LockBackendError`."""
+        try:
+            return self.run(names, fn)
+        except self.driver_errors as exc:
+            raise self.failure(what, exc, key) from exc
+
+    # -- dialect operations (one connection each) --------------------------------------------
+
+    @abc.abstractmethod
+    def op_acquire(self, conn: Any, t: TableNames, key: str, token: str, ttl_ms: int,
+                   cols: Columns) -> tuple[bool, int, str | None, int]:
+        """(acquired, fence, holder owner, holder pttl ms)."""
+
+    @abc.abstractmethod
+    def op_acquire_slot(self, conn: Any, t: TableNames, key: str, token: str, ttl_ms: int,
+                        limit: int, cols: Columns) -> tuple[bool, int, str | None, int, int]:
+        """(acquired, fence, holder owner, holder pttl ms, slot index)."""
+
+    @abc.abstractmethod
+    def op_release(self, conn: Any, t: TableNames, key: str, token: str | None) -> bool:
+        """Mark ``key`` free if ``token`` holds it (any holder for None); notify waiters."""
+
+    @abc.abstractmethod
+    def op_extend(self, conn: Any, t: TableNames, items: Sequence[Renewal],
+                  count: bool) -> list[bool]:
+        """Renew the unexpired locks of ``items`` (keys distinct) that their tokens hold."""
+
+    @abc.abstractmethod
+    def op_handover(self, conn: Any, t: TableNames, key: str, token: str, new_token: str,
+                    ttl_ms: int, cols: Columns, given: list[str]) -> int | None: ...
+
+    @abc.abstractmethod
+    def op_read(self, conn: Any, t: TableNames, key: str) -> tuple[Any, ...] | None:
+        """The held row of ``key`` as :data:`READ_COLUMNS` + µs left, or None."""
+
+    @abc.abstractmethod
+    def op_page(self, conn: Any, t: TableNames, low: str, high: str | None,
+                after: str | None) -> list[tuple[Any, ...]]:
+        """Up to :data:`PAGE_ROWS` rows with ``low <= key < high`` (and ``key > after``) in
+        key order, as :data:`READ_COLUMNS` + µs left (<= 0: not held)."""
+
+    @abc.abstractmethod
+    def op_follow(self, conn: Any, t: TableNames, key: str, task_id: str,
+                  ttl_ms: int) -> str | None: ...
+
+    @abc.abstractmethod
+    def op_unfollow(self, conn: Any, t: TableNames, key: str, task_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def op_claim_run(self, conn: Any, t: TableNames, lock_key: str, token: str,
+                     state_key: str, entry: str, previous: float, now: float) -> int: ...
+
+    @abc.abstractmethod
+    def op_last_runs(self, conn: Any, t: TableNames, state_key: str) -> dict[str, float]: ...
+
+    @abc.abstractmethod
+    def op_sweep(self, conn: Any, t: TableNames, after: str) -> tuple[str | None, int]:
+        """Delete, among the next :data:`PAGE_ROWS` keys after ``after``, the free rows last
+        acquired more than ``fence_ttl_ms`` ago, and expired follow-ups. Returns (the last key
+        of the page or None at the end of the table, rows deleted)."""
+
+    @abc.abstractmethod
+    def op_held(self, conn: Any, t: TableNames, key: str) -> bool:
+        """Whether ``key`` is held now (one primary-key read)."""
+
+    # -- LockBackend -----------------------------------------------------------------------
+
+    def acquire(self, key: str, token: str, ttl_s: float,
+                metadata: Sequence[tuple[str, Any]] = (),
+                fixed: FixedMetadata | None = None) -> AcquireResult:
+        t = table_names(key)
+        cols = Columns(all_metadata(metadata, fixed), ttl_s)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        started = self.clock()
+        try:
+            got, fence, holder, pttl = self.run(
+                t, lambda c: self.op_acquire(c, t, key, token, ttl_ms, cols))
+        except self.driver_errors as exc:
+            return AcquireResult(False, 0, 0.0, started, None, -1, True, (self.reason(exc),))
+        return self._result(key, ttl_s, started, got, fence, holder, pttl)
+
+    def acquire_slot(self, key: str, token: str, ttl_s: float, limit: int,
+                     metadata: Sequence[tuple[str, Any]] = (),
+                     fixed: FixedMetadata | None = None) -> AcquireResult:
+        if limit <= 1:
+            return self.acquire(key, token, ttl_s, metadata, fixed)
+        t = table_names(key)
+        cols = Columns(all_metadata(metadata, fixed), ttl_s)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        started = self.clock()
+        try:
+            got, fence, holder, pttl, slot = self.run(
+                t, lambda c: self.op_acquire_slot(c, t, key, token, ttl_ms, limit, cols))
+        except self.driver_errors as exc:
+            return AcquireResult(False, 0, 0.0, started, None, -1, True, (self.reason(exc),))
+        return self._result(slot_key(key, slot) if got else key, ttl_s, started, got, fence,
+                            holder, pttl)
+
+    def _result(self, key: str, ttl_s: float, started: float, got: bool, fence: int,
+                holder: str | None, pttl: int) -> AcquireResult:
+        if got:
+            validity = ttl_s - (self.clock() - started)
+            if validity > 0:
+                self._maybe_sweep(key)
+                return AcquireResult(True, int(fence), validity, started, None, -1, False, (),
+                                     key)
+            # Taken but already spent (a statement slower than the ttl): not usable.
+            return AcquireResult(False, 0, 0.0, started, None, -1, False, ())
+        return AcquireResult(False, 0, 0.0, started, holder, pttl, False, ())
+
+    def release(self, key: str, token: str, *, deadline: float | None = None) -> bool:
+        t = table_names(key)
+        return bool(self.call(f"cannot release lock {key!r}", key, t,
+                              lambda c: self.op_release(c, t, key, token)))
+
+    def extend_many(self, items: Sequence[Renewal], *,
+                    count_renewal: bool = True) -> list[bool | None]:
+        results: list[bool | None] = [None] * len(items)
+        # One statement per table and batch; a key twice (never the case for one renewer)
+        # goes in a later batch.
+        batches: list[tuple[TableNames, list[int]]] = []
+        open_batch: dict[str, tuple[list[int], set[str]]] = {}
+        for i, item in enumerate(items):
+            t = table_names(item.key)
+            idx, keys = open_batch.get(t.base, (None, None))  # type: ignore[assignment]
+            if idx is None or item.key in keys or len(idx) >= RENEW_BATCH:
+                idx, keys = [], set()
+                open_batch[t.base] = (idx, keys)
+                batches.append((t, idx))
+            idx.append(i)
+            keys.add(item.key)
+        for t, idx in batches:
+            batch = [items[i] for i in idx]
+            try:
+                answers = self.run(t, lambda c, t=t, b=batch: self.op_extend(c, t, b,
+                                                                             count_renewal))
+            except self.driver_errors as exc:
+                logger.debug("renewal batch failed on %s: %s", self.description,
+                             self.reason(exc))
+                continue  # undecided: the renewer retries
+            for i, ok in zip(idx, answers):
+                results[i] = ok
+        return results
+
+    def handover(self, key: str, token: str, new_token: str, ttl_s: float,
+                 metadata: Sequence[tuple[str, Any]] = ()) -> int | None:
+        t = table_names(key)
+        cols = Columns(metadata, None)
+        given = cols.given(metadata)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        return self.call(f"cannot hand lock {key!r} over", key, t,
+                         lambda c: self.op_handover(c, t, key, token, new_token, ttl_ms, cols,
+                                                    given))
+
+    def owned(self, key: str, token: str) -> bool:
+        row = self._read(key, "cannot read lock")
+        return row is not None and row[1] == token
+
+    def holder(self, key: str) -> str | None:
+        row = self._read(key, "cannot read lock")
+        return None if row is None else (row[3] or "")
+
+    def _read(self, key: str, what: str) -> tuple[Any, ...] | None:
+        t = table_names(key)
+        return self.call(f"{what} {key!r}", key, t, lambda c: self.op_read(c, t, key))
+
+    def follow(self, key: str, task_id: str, ttl_s: float) -> str | None:
+        t = table_names(key)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        return self.call(f"cannot queue a follow-up of {key!r}", key, t,
+                         lambda c: self.op_follow(c, t, key, task_id, ttl_ms))
+
+    def unfollow(self, key: str, task_id: str) -> None:
+        t = table_names(key)
+        self.call(f"cannot drop the follow-up of {key!r}", key, t,
+                  lambda c: self.op_unfollow(c, t, key, task_id))
+
+    def claim_run(self, lock_key: str, token: str, state_key: str, entry: str,
+                  previous: float, now: float) -> int:
+        t = table_names(lock_key)
+        return int(self.call(f"cannot claim beat entry {entry!r}", lock_key, t,
+                             lambda c: self.op_claim_run(c, t, lock_key, token, state_key,
+                                                         entry, previous, now)))
+
+    def last_runs(self, state_key: str) -> dict[str, float]:
+        t = table_names(state_key)
+        return self.call("cannot read beat's state", state_key, t,
+                         lambda c: self.op_last_runs(c, t, state_key))
+
+    # -- seeing and clearing -----------------------------------------------------------------
+
+    def _pages(self, prefix: str, pattern: str | None, limit: int | None,
+               ) -> Iterator[tuple[str, LockView]]:
+        t = table_names(prefix, is_prefix=True)
+        low = prefix
+        high = _after_prefix(prefix)
+        after: str | None = None
+        seen = 0
+        match = glob_matcher(pattern)
+        while True:
+            rows = self.run(t, lambda c, a=after: self.op_page(c, t, low, high, a))
+            for row in rows:
+                if int(row[-1]) <= 0:
+                    continue
+                if match is not None and not match(row[0]):
+                    continue
+                yield view_of(self.description, row)
+                seen += 1
+                if limit is not None and seen >= limit:
+                    return
+            if len(rows) < PAGE_ROWS:
+                return
+            after = rows[-1][0]
+
+    def list_locks(self, prefix: str, *, pattern: str | None = None, limit: int | None = None,
+                   errors: list[str] | None = None) -> list[LockRecord]:
+        try:
+            return [LockRecord.from_view(key, view)
+                    for key, view in self._pages(prefix, pattern, limit)]
+        except self.driver_errors as exc:
+            raise self.failure(f"cannot list locks under {prefix!r}", exc) from exc
+
+    def lock_keys(self, prefix: str, *, pattern: str | None = None,
+                  limit: int | None = None) -> list[str]:
+        """Keys of the locks held under ``prefix`` (for the metrics), read in pages."""
+        try:
+            return [key for key, _ in self._pages(prefix, pattern, limit)]
+        except self.driver_errors as exc:
+            raise self.failure(f"cannot list locks under {prefix!r}", exc) from exc
+
+    def lock_info(self, key: str) -> LockRecord | None:
+        row = self._read(key, "cannot read lock")
+        if row is None:
+            return None
+        _, view = view_of(self.description, row)
+        return LockRecord.from_view(key, view)
+
+    def force_release(self, record: LockRecord) -> int:
+        token = record.token or next((v.token for v in record.views if v is not None
+                                      and v.token), "")
+        t = table_names(record.key)
+        done = self.call(f"cannot release lock {record.key!r}", record.key, t,
+                         lambda c: self.op_release(c, t, record.key, token or None))
+        return 1 if done else 0
+
+    def force_release_many(self, records: Sequence[LockRecord]) -> int:
+        """:meth:`force_release` of each record; how many were released."""
+        return sum(self.force_release(r) for r in records)
+
+    def ping(self) -> tuple[int, list[str]]:
+        try:
+            self.run(None, self.op_ping)
+        except self.driver_errors as exc:
+            return 0, [self.reason(exc)]
+        return 1, []
+
+    def op_ping(self, conn: Any) -> None:
+        cur = conn.cursor()
+        try:
+            cur.execute("SELECT 1")
+            cur.fetchall()
+        finally:
+            cur.close()
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def wait_released(self, key: str, timeout_s: float, tried: Callable[[], bool]) -> bool:
+        deadline = self.clock() + timeout_s
+        watch = self.watch(key)
+        try:
+            while True:
+                if watch is not None:
+                    watch.clear()
+                if tried():
+                    return True
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                self.sleep_until_released(key, watch, remaining)
+        finally:
+            if watch is not None:
+                self.unwatch(key, watch)
+
+    def watch(self, key: str) -> threading.Event | None:
+        """An event set when ``key`` is released (registered before the first try); None
+        where the store has no notification."""
+        return None
+
+    def unwatch(self, key: str, event: threading.Event) -> None:
+        """Stop :meth:`watch`."""
+
+    #: Bounds of one poll interval where there is no notification (seconds, jittered).
+    poll_interval_s: ClassVar[tuple[float, float]] = (0.05, 0.1)
+
+    def sleep_until_released(self, key: str, watch: threading.Event | None,
+                             remaining: float) -> None:
+        """Polling: read the row (one primary-key read) every 50-100 ms until it is free or
+        :data:`WAIT_RECHECK_S` passed, then let the caller try again."""
+        until = self.clock() + min(remaining, WAIT_RECHECK_S)
+        t = table_names(key)
+        while True:
+            left = until - self.clock()
+            if left <= 0:
+                return
+            time.sleep(min(left, random.uniform(*self.poll_interval_s)))
+            try:
+                if not self.run(t, lambda c: self.op_held(c, t, key)):
+                    return
+            except self.driver_errors:
+                return
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def _maybe_sweep(self, key: str) -> None:
+        """After an acquisition: sweep one page of its table if none was swept lately (so
+        a table is swept even by a process that never calls :meth:`maintain`)."""
+        t = table_names(key)
+        due = self._next_sweep.get(t.base)
+        now = self.clock()
+        if due is None:
+            self._next_sweep[t.base] = now + SWEEP_INTERVAL_S * random.uniform(0.5, 1.5)
+        elif due <= now:
+            self.sweep(t.prefix)
+
+    def needs_maintenance(self) -> bool:
+        now = self.clock()
+        return any(due <= now for due in self._next_sweep.values())
+
+    def maintain(self) -> None:
+        now = self.clock()
+        for base, due in list(self._next_sweep.items()):
+            if due <= now:
+                prefix = next((n.prefix for n in _names_cache.values() if n.base == base),
+                              None)
+                if prefix is not None:
+                    self.sweep(prefix)
+
+    def sweep(self, prefix: str = DEFAULT_PREFIX, *, pages: int = 1) -> int:
+        """Delete up to ``pages`` pages' worth of dead rows of ``prefix``'s tables (free rows
+        last acquired more than ``fence_ttl`` ago, expired follow-ups). Returns rows
+        deleted. Never raises: a sweep that fails is retried later."""
+        t = table_names(prefix, is_prefix=True)
+        if not self._sweep_lock.acquire(blocking=False):
+            return 0
+        deleted = 0
+        try:
+            self._next_sweep[t.base] = self.clock() + SWEEP_INTERVAL_S * random.uniform(0.8,
+                                                                                        1.2)
+            for _ in range(pages):
+                after = self._sweep_cursor.get(t.base, "")
+                try:
+                    last, n = self.run(t, lambda c, a=after: self.op_sweep(c, t, a))
+                except self.driver_errors as exc:
+                    logger.debug("sweep of %s failed: %s", t.locks, self.reason(exc))
+                    break
+                deleted += n
+                self._sweep_cursor[t.base] = last or ""
+                if last is None:
+                    break
+        finally:
+            self._sweep_lock.release()
+        return deleted
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self._pool.close()
+        except Exception:
+            pass
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The smallest string above every string that starts with ``prefix`` (byte order)."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars[-1])
+        if last < 0x10FFFF and not (0xD7FF <= last < 0xE000):
+            chars[-1] = chr(last + 1)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
+def glob_matcher(pattern: str | None) -> Callable[[str], bool] | None:
+    """A matcher for a Redis glob (``*``, ``?``, ``[...]``, ``\\`` escapes), as SCAN MATCH
+    reads it; None for no pattern."""
+    if pattern is None:
+        return None
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < n:
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(ch))
+            else:
+                body = pattern[i + 1:end]
+                neg = body.startswith("^")
+                body = body[1:] if neg else body
+                out.append("[" + ("^" if neg else "") + body.replace("\\", "\\\\") + "]")
+                i = end + 1
+                continue
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    compiled = re.compile("".join(out) + r"\Z", re.S)
+    return lambda key: compiled.match(key) is not None
