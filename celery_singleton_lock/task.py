@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import inspect
 import logging
-import random
 import socket
 import threading
 import time
@@ -43,8 +42,9 @@ from .backends.base import (
 )
 from .backends.registry import capabilities_of
 from .backends.registry import get_backend as get_store
-from .policy import check_capabilities
-from .supervisor import current_poster
+from . import policy
+from .policy import REQUEUE_BACKOFF_CAP, check_capabilities, requeue_countdown, requeue_span_s
+from .worker.supervisor import current_poster
 
 __all__ = ["LockedTask", "REQUEUE_HEADER", "TOKEN_HEADER", "execution_key", "requeue_span_s"]
 
@@ -54,21 +54,8 @@ logger = logging.getLogger("celery_singleton_lock.task")
 REQUEUE_HEADER = "singleton_lock_requeues"
 #: Message header carrying the token of the enqueue-time lock to its worker.
 TOKEN_HEADER = "singleton_lock_token"
-#: Requeue countdowns grow as base * 2**n up to this many times the base, with +-20 % jitter.
-REQUEUE_BACKOFF_CAP = 16
 
 _HOSTNAME = socket.gethostname()
-
-
-def requeue_countdown(base_s: float, requeues: int) -> float:
-    """Backoff with jitter: ``base * min(2**n, 16) * uniform(0.8, 1.2)`` seconds."""
-    factor = min(2 ** max(0, requeues), REQUEUE_BACKOFF_CAP)
-    return base_s * factor * random.uniform(0.8, 1.2)
-
-
-def requeue_span_s(base_s: float, requeue_max: int) -> float:
-    """About how long ``requeue_max`` requeues take in all (the jitter averages out)."""
-    return sum(base_s * min(2**n, REQUEUE_BACKOFF_CAP) for n in range(requeue_max))
 
 
 def run_signature(task_cls: type) -> inspect.Signature | None:
@@ -150,10 +137,10 @@ class LockedTask(Task):
     @classmethod
     def on_bound(cls, app: Any) -> None:
         register_defaults(app)
-        from . import hooks
+        from .worker import receivers as hooks
 
         hooks.install()
-        from . import bootstep
+        from .worker import bootstep
 
         bootstep.install(app)
         cls._lock_cache = {}
@@ -410,17 +397,16 @@ class LockedTask(Task):
         self, exc: LockBackendError, key: str, opts: LockOptions, req: Any,
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> None:
-        policy = opts.on_backend_error
-        events.backend_error(self, key, req.id, policy, exc)
-        if policy == "run":
+        events.backend_error(self, key, req.id, opts.on_backend_error, exc)
+        requeues = self._requeues(req)
+        action = policy.on_backend_error(opts.on_backend_error, requeues, opts.requeue_max)
+        if action == "run":
             logger.warning("running %s[%s] without its lock %s: %s", self.name, req.id, key, exc)
             return None
-        if policy == "requeue":
-            requeues = self._requeues(req)
-            if requeues < opts.requeue_max:
-                logger.warning("requeueing %s[%s]: lock store unavailable: %s",
-                               self.name, req.id, exc)
-                self._requeue(req, args, kwargs, opts, requeues)
+        if action == "requeue":
+            logger.warning("requeueing %s[%s]: lock store unavailable: %s",
+                           self.name, req.id, exc)
+            self._requeue(req, args, kwargs, opts, requeues)
         raise LockBackendError(
             f"task {self.name}[{req.id}] did not run: lock store unavailable for {key}: {exc}",
             lock_key=key, task_name=self.name,
@@ -440,12 +426,9 @@ class LockedTask(Task):
         self, key: str, holder: str | None, opts: LockOptions, req: Any,
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> None:
-        policy = opts.on_duplicate
         requeues = self._requeues(req)
-        # A holder with our own id is an earlier delivery of this very message (a worker
-        # killed with acks_late): never reject it, wait for that lock to expire.
-        if (policy in ("requeue", "wait", "coalesce") or holder == req.id) \
-                and requeues < opts.requeue_max:
+        if policy.on_duplicate(opts.on_duplicate, holder, req.id, requeues,
+                               opts.requeue_max) == "requeue":
             signals.lock_duplicate.send(sender=self, lock_key=key, task_id=req.id,
                                         holder_id=holder, policy="requeue")
             self._requeue(req, args, kwargs, opts, requeues)

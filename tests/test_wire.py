@@ -16,7 +16,7 @@ import redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from celery_singleton_lock._process import current_pid, new_token
-from celery_singleton_lock.board import PAYLOAD_SIZE, SLOTS_PER_CHILD, LeaseBoard
+from celery_singleton_lock.worker.board import PAYLOAD_SIZE, SLOTS_PER_CHILD, LeaseBoard
 from celery_singleton_lock.backends.base import FixedMetadata
 from celery_singleton_lock.backends.quorum import Quorum
 from celery_singleton_lock.backends.redis.wire import Call, RedisNode

@@ -24,7 +24,7 @@ from celery.worker import control as celery_control
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from .urls import redact_url
+from ..urls import redact_url
 
 __all__ = ["install", "redact_passwords"]
 
@@ -82,7 +82,7 @@ def _unstarted(state: Any) -> list[Any]:
 
 def release_unstarted(state: Any, task_ids: set[str]) -> None:
     """Release the enqueue-time locks of the revoked requests this worker has not started."""
-    from .hooks import release_enqueue_lock
+    from .receivers import release_enqueue_lock
 
     done: set[str] = set()
     for req in _unstarted(state):

@@ -28,7 +28,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from . import events
+from .. import events
 
 __all__ = ["LockStats", "install", "held_locks", "STATS_KEY"]
 
@@ -51,7 +51,7 @@ def _iso(ts: float | None) -> str | None:
 
 def held_locks() -> dict[str, Any]:
     """The locks held by this worker process and its pool children, from memory."""
-    from .renewer import get_renewer
+    from ..renewer import get_renewer
     from .supervisor import current_supervisor
 
     rows: list[dict[str, Any]] = []

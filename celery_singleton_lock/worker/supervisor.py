@@ -28,11 +28,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._process import current_pid
+from .._process import current_pid
 from .board import LeaseBoard
-from .lease import Lease
-from .renewer import get_renewer
-from .backends.base import LockBackend
+from ..lease import Lease
+from ..renewer import get_renewer
+from ..backends.base import LockBackend
 
 __all__ = [
     "Supervisor", "ChildPoster", "child_started", "current_supervisor", "current_poster",

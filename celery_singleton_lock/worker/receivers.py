@@ -13,9 +13,9 @@ from typing import Any
 from celery import signals as celery_signals
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
-from . import signals
-from .lease import Lease
-from .backends.base import LockBackend
+from .. import signals
+from ..lease import Lease
+from ..backends.base import LockBackend
 from .supervisor import current_supervisor, start_supervisor, stop_supervisor
 
 __all__ = ["install", "check_store", "hide_lock_url_password", "release_enqueue_lock"]
@@ -113,9 +113,9 @@ def hide_lock_url_password(app: Any) -> None:
     the name it was given: ``singleton_lock_url``, or a namespaced form such as Django's
     ``CELERY_SINGLETON_LOCK_URL`` (setting the lowercase name would add a second entry and leave
     the first one in clear). ``celery inspect conf`` also redacts every other URL
-    (:mod:`celery_singleton_lock.control`).
+    (:mod:`celery_singleton_lock.worker.control`).
     """
-    from .urls import StoreURL, parse_store_url
+    from ..urls import StoreURL, parse_store_url
 
     conf = app.conf
     names = [k for k in list(conf.keys())
@@ -137,10 +137,10 @@ def check_store(app: Any) -> bool:
     a quorum) is seen at once rather than as tasks requeued for hours. Returns True when a
     quorum answered.
     """
-    from .errors import LockConfigError
-    from .settings import resolve_options, resolve_store_url
-    from .backends.registry import get_backend as get_store
-    from .task import requeue_span_s
+    from ..errors import LockConfigError
+    from ..settings import resolve_options, resolve_store_url
+    from ..backends.registry import get_backend as get_store
+    from ..task import requeue_span_s
 
     try:
         url = resolve_store_url(app)
@@ -183,7 +183,7 @@ def _on_worker_setup(sender: Any = None, instance: Any = None, **kwargs: Any) ->
 
 def _on_child_init(**kwargs: Any) -> None:
     from .supervisor import child_started
-    from .task import child_lock_lost_handler
+    from ..task import child_lock_lost_handler
 
     child_started()
     signal.signal(signal.SIGUSR2, child_lock_lost_handler)
@@ -202,7 +202,7 @@ def _on_revoked(request: Any = None, terminated: bool = False, **kwargs: Any) ->
 
 def release_enqueue_lock(request: Any, sender: Any) -> None:
     """A task revoked before it started still holds its enqueue-time lock: release it."""
-    from .task import TOKEN_HEADER, LockedTask
+    from ..task import TOKEN_HEADER, LockedTask
 
     name = getattr(request, "name", None) or getattr(request, "task", None) or ""
     task = sender if isinstance(sender, LockedTask) else _task(name)
