@@ -24,7 +24,14 @@ from typing import Any
 
 import pytest
 
-from tests.servers import LOOPBACK, RedisServer, StoreTarget, find_redis_server, wait_until
+from tests.servers import (
+    LOOPBACK,
+    RedisCluster,
+    RedisServer,
+    StoreTarget,
+    find_redis_server,
+    wait_until,
+)
 
 KINDS: list[str] = ["memory", "memory3", "single", "redlock3", "redlock5", "cluster",
                     "sentinel"]
@@ -121,9 +128,8 @@ def _store_single_password() -> Iterator[str]:
         yield server.url
 
 
-@pytest.fixture(scope="session")
-def _store_redlock3_password() -> Iterator[list[str]]:
-    servers = [RedisServer(password=PASSWORD) for _ in range(3)]
+def _masters_with_password(n: int) -> Iterator[list[str]]:
+    servers = [RedisServer(password=PASSWORD) for _ in range(n)]
     try:
         for server in servers:
             server.start()
@@ -131,6 +137,22 @@ def _store_redlock3_password() -> Iterator[list[str]]:
     finally:
         for server in servers:
             server.close()
+
+
+@pytest.fixture(scope="session")
+def _store_redlock3_password() -> Iterator[list[str]]:
+    yield from _masters_with_password(3)
+
+
+@pytest.fixture(scope="session")
+def _store_redlock5_password() -> Iterator[list[str]]:
+    yield from _masters_with_password(5)
+
+
+@pytest.fixture(scope="session")
+def _store_cluster_password() -> Iterator[str]:
+    with RedisCluster(3, password=PASSWORD) as cluster:
+        yield cluster.url
 
 
 @pytest.fixture(scope="session")
