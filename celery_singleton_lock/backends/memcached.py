@@ -45,7 +45,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -92,6 +92,8 @@ MAX_IDLE = 8
 MAX_WORKERS = 8
 #: Longest wait for one read of a ``metadump`` (a big cache streams for a while), seconds.
 METADUMP_READ_TIMEOUT_S = 5.0
+#: Silence that ends a ``metadump`` of memcached before 1.6 (it sends no END line), seconds.
+METADUMP_IDLE_S = 1.0
 #: Times a ``metadump`` is tried while the crawler is busy with another request.
 METADUMP_BUSY_RETRIES = 20
 
@@ -451,6 +453,10 @@ class MemcachedMember(QuorumMember):
         self._posted_pid = os.getpid()
         #: Whether the server has ``lru_crawler metadump`` (None: not known yet).
         self.can_list: bool | None = None
+        #: The server's version (None: not known yet).
+        self.version: tuple[int, ...] | None = None
+        self._dump_mode = "hash"
+        self._refusal = ""
 
     @classmethod
     def from_url(cls, url: str, *, socket_timeout: float, setting: str) -> MemcachedMember:
@@ -477,6 +483,7 @@ class MemcachedMember(QuorumMember):
         conn = self._pool.get()
         try:
             settings = conn.stats("settings")
+            self.version = _version(conn.version())
         except Exception:  # noqa: BLE001 - unreachable now: decided on first listing
             self._pool.discard(conn)
             return
@@ -829,13 +836,13 @@ class MemcachedMember(QuorumMember):
 
     def scan(self, prefix: str, pattern: str | None, limit: int | None) -> list[str]:
         """Lock keys under ``prefix`` (matching the glob ``pattern``), from the server's
-        ``lru_crawler metadump all``, read as it streams and cut at ``limit``."""
+        ``lru_crawler metadump``, read as it streams and cut at ``limit``. Keys that expired
+        but are not reclaimed yet may be among them (reading them shows them free)."""
         match = _glob(pattern) if pattern else None
         head = prefix + ":"
         found: list[str] = []
-        now = time.time()
-        for stored, exp in self._metadump():
-            if _AUX_MARK in stored or (exp >= 0 and exp < now - 1):
+        for stored in self._metadump():
+            if _AUX_MARK in stored:
                 continue
             key = original_key(stored)
             if (match.fullmatch(key) is None) if match is not None else \
@@ -846,52 +853,70 @@ class MemcachedMember(QuorumMember):
                 break
         return found
 
-    def _metadump(self) -> Any:
-        """(stored name, expiry as unix seconds or -1) of every item, streamed."""
+    def _metadump(self) -> Iterator[str]:
+        """The stored name of every item, streamed: ``metadump hash`` (the hash table, which
+        items do not move around in), else ``metadump all`` (every LRU) on servers before
+        the hash walk. The crawler serves one dump at a time: a busy one is asked again."""
         for _ in range(METADUMP_BUSY_RETRIES):
-            try:
-                sock = socket.create_connection((self.host, self.port),
-                                                timeout=max(self.socket_timeout, 0.5))
-            except OSError as exc:
+            answer = yield from self._dump_once(self._dump_mode)
+            if answer == "refused" and self._dump_mode == "hash":
+                self._dump_mode = "all"
+                answer = yield from self._dump_once("all")
+            if answer == "done":
+                return
+            if answer == "refused":
                 raise LockBackendError(
-                    f"cannot read locks from {self.name}: {redact_url(str(exc))}") from exc
-            busy = False
-            try:
-                sock.settimeout(max(self.socket_timeout, METADUMP_READ_TIMEOUT_S))
-                sock.sendall(b"lru_crawler metadump all\r\n")
-                buffer = b""
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise LockBackendError(
-                            f"cannot read locks from {self.name}: the connection closed "
-                            "during lru_crawler metadump")
-                    buffer += chunk
-                    *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        line = line.rstrip(b"\r")
-                        if line.startswith(b"key="):
-                            yield _metadump_line(line)
-                        elif line == b"END":
-                            return
-                        elif line.startswith(b"BUSY"):
-                            busy = True
-                            break
-                        elif line:
-                            raise LockBackendError(
-                                f"cannot list the locks on {self.name}: it has no lru_crawler "
-                                f"metadump (it answered {_text(line)[:80]!r}; memcached >= "
-                                "1.4.31 with its LRU crawler on lists keys)")
-                    if busy:
-                        break
-            except OSError as exc:
-                raise LockBackendError(
-                    f"cannot read locks from {self.name}: {redact_url(str(exc))}") from exc
-            finally:
-                sock.close()
-            time.sleep(0.05)  # the crawler serves one dump at a time
+                    f"cannot list the locks on {self.name}: it has no lru_crawler metadump "
+                    f"({self._refusal}; memcached >= 1.4.31 with its LRU crawler on lists "
+                    "keys)")
+            time.sleep(0.05)  # "busy": another dump is being served
         raise LockBackendError(f"cannot read locks from {self.name}: its LRU crawler stayed "
                                "busy with another dump")
+
+    def _dump_once(self, mode: str) -> Generator[str, None, str]:
+        """One ``metadump``: yields names; returns "done", "busy" or "refused"."""
+        try:
+            sock = socket.create_connection((self.host, self.port),
+                                            timeout=max(self.socket_timeout, 0.5))
+        except OSError as exc:
+            raise LockBackendError(
+                f"cannot read locks from {self.name}: {redact_url(str(exc))}") from exc
+        # memcached before 1.6 ends a dump with no END line: silence ends it there.
+        endless = self.version is not None and self.version < (1, 6, 0)
+        try:
+            sock.settimeout(METADUMP_IDLE_S if endless else
+                            max(self.socket_timeout, METADUMP_READ_TIMEOUT_S))
+            sock.sendall(b"lru_crawler metadump %s\r\n" % mode.encode())
+            buffer = b""
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    if endless:
+                        return "done"
+                    raise
+                if not chunk:
+                    raise LockBackendError(
+                        f"cannot read locks from {self.name}: the connection closed during "
+                        "lru_crawler metadump")
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    line = line.rstrip(b"\r")
+                    if line.startswith(b"key="):
+                        yield _metadump_key(line)
+                    elif line == b"END":
+                        return "done"
+                    elif line.startswith(b"BUSY"):
+                        return "busy"
+                    elif line and line != b"OK":
+                        self._refusal = f"it answered {_text(line)[:80]!r}"
+                        return "refused"
+        except OSError as exc:
+            raise LockBackendError(
+                f"cannot read locks from {self.name}: {redact_url(str(exc))}") from exc
+        finally:
+            sock.close()
 
     # -- the rest -----------------------------------------------------------------------------
 
@@ -904,17 +929,14 @@ class MemcachedMember(QuorumMember):
         self._pool.close()
 
 
-def _metadump_line(line: bytes) -> tuple[str, int]:
-    stored, exp = "", -1
-    for part in line.split(b" "):
-        if part.startswith(b"key="):
-            stored = unquote(part[4:].decode("ascii", "replace"))
-        elif part.startswith(b"exp="):
-            try:
-                exp = int(part[4:])
-            except ValueError:
-                exp = -1
-    return stored, exp
+def _metadump_key(line: bytes) -> str:
+    """The stored name in a ``metadump`` line (``key=<url-encoded> exp=... ...``)."""
+    return unquote(line[4:].split(b" ", 1)[0].decode("ascii", "replace"))
+
+
+def _version(raw: bytes) -> tuple[int, ...] | None:
+    numbers = re.findall(rb"\d+", raw or b"")[:3]
+    return tuple(int(n) for n in numbers) or None
 
 
 def _runs(raw: bytes | None) -> dict[str, float]:
