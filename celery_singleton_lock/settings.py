@@ -279,7 +279,7 @@ def resolve_store_url(app: Any) -> StoreURL:
     raise LockConfigError(
         "singleton_lock_url is not set and the broker is not Redis: set "
         "app.conf.singleton_lock_url to a redis://, rediss://, unix://, redis+cluster:// or "
-        "redis+sentinel:// URL "
-        "(or a list of Redlock master URLs)",
+        "redis+sentinel:// URL (or a list of Redlock master URLs), or to the URL of another "
+        "lock store: postgresql://, mysql://, zookeeper://, memcached://",
         setting="singleton_lock_url",
     )
