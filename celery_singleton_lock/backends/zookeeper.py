@@ -85,7 +85,7 @@ WAKE_S = 2.0
 #: Tries of an optimistic update (a version-checked write that lost a race).
 TRIES = 8
 
-_LOCK, _TICKET = "l-", "w-"
+_LOCK, _TICKET, _CLAIM = "l-", "w-", "slot-"
 _SLOT = re.compile(r"(?<=\}):slot:(\d+)$")
 #: Characters kept as they are in a node name; everything else is percent-encoded.
 _SAFE = "!$&'()*+,;=:@{}[]-._~ "
@@ -305,6 +305,8 @@ class ZooKeeperBackend(LockBackend):
         self._paths: dict[tuple[str, str], str] = {}
         #: (thread, lock key) -> the ticket of a wait in progress.
         self._tickets: dict[tuple[int, str], _Ticket] = {}
+        #: (thread, lock key) -> the owner id of the last attempt (a waiter's ticket names it).
+        self._owners: dict[tuple[int, str], str] = {}
         #: lock key -> its lock_limit, as last asked (a waiter watches by it).
         self._limits: dict[str, int] = {}
         #: Nodes of ours to delete that a failed request may have left (an acquire that timed
@@ -503,6 +505,20 @@ class ZooKeeperBackend(LockBackend):
                 return f"{parent}/{node.name}"
         return None
 
+    def _my_claim(self, zk: Any, base: str, index: int | None,
+                  token: str) -> tuple[str, int] | None:
+        """(path, version) of slot ``index``'s number when ``token`` holds it, else None."""
+        from kazoo.exceptions import NoNodeError
+
+        if index is None:
+            return None
+        path = f"{self._parent(base)}/{_CLAIM}{index}"
+        try:
+            data, stat = self._result(zk.get_async(path))
+        except NoNodeError:
+            return None
+        return (path, int(stat.version)) if data == token.encode() else None
+
     def _remember(self, key: str, token: str, path: str) -> None:
         with self._mutex:
             if len(self._paths) > 100_000:
@@ -551,10 +567,13 @@ class ZooKeeperBackend(LockBackend):
         except (KeyError, ValueError):
             return int(stat.czxid)
 
-    def _view(self, path: str, data: bytes, stat: Any) -> tuple[LockView, str]:
+    def _view(self, path: str, data: bytes, stat: Any) -> tuple[LockView, bool]:
+        """The node as a :class:`LockView`, and whether it is one of several slots."""
         fields = self._load(data)
-        token = fields.pop("token", "") or (_Node.parse(path.rsplit("/", 1)[1]) or _Node(
-            "", "", "", 0)).token
+        token = fields.pop("token", "")
+        if not token:
+            parsed = _Node.parse(path.rsplit("/", 1)[1])
+            token = parsed.token if parsed is not None else ""
         fence = self._fence(fields, stat)
         fields["fence"] = str(fence)
         kwargs: dict[str, Any] = {}
@@ -562,7 +581,7 @@ class ZooKeeperBackend(LockBackend):
             kwargs["fence"] = fence
         view = LockView(name=self.description, held=True, token=token, ttl_s=None,
                         fields=fields, **kwargs)
-        return view, fields.get("limit", "")
+        return view, "limit" in fields
 
     # -- taking a lock ----------------------------------------------------------------------
 
@@ -582,39 +601,83 @@ class ZooKeeperBackend(LockBackend):
               metadata: Sequence[tuple[str, Any]], fixed: FixedMetadata | None,
               *, slot: bool) -> AcquireResult:
         started = self.clock()
+        ident = (threading.get_ident(), key)
         with self._mutex:
             self._limits[key] = limit
-            ticket = self._tickets.get((threading.get_ident(), key))
+            ticket = self._tickets.get(ident)
         fields = self._fields(token, ttl_s, metadata, fixed, limit if slot else None)
+        with self._mutex:
+            self._owners[ident] = fields.get("owner", "")
         try:
             zk = self._client()
+            taken = None
             if ticket is not None:
-                taken = self._take_with_ticket(zk, key, token, limit, fields, ticket)
-            else:
-                taken = None
+                taken = self._take_with_ticket(zk, key, token, limit, fields, ticket, slot)
             if taken is None:
-                taken = self._take_fresh(zk, key, token, limit, fields)
+                taken = self._take_fresh(zk, key, token, limit, fields, slot)
         except _Down as exc:
             return AcquireResult(False, 0, 0.0, started, None, -1, True,
                                  (f"{self.description}: {exc}",), "")
-        acquired, fence, holder, path = taken
+        acquired, fence, holder, path, index = taken
         if not acquired:
             return AcquireResult(False, 0, 0.0, started, holder, -1, False, (), "")
         self._remember(key, token, path)
-        seq = int(path[-10:])
         validity = max(0.0, ttl_s - (self.clock() - started))
         return AcquireResult(True, fence, validity, started, None, -1, False, (),
-                             f"{key}:slot:{seq}" if slot else key)
+                             f"{key}:slot:{index}" if slot else key)
 
-    def _take_fresh(self, zk: Any, key: str, token: str, limit: int,
-                    fields: dict[str, str]) -> tuple[bool, int, str | None, str]:
+    @staticmethod
+    def _free_slot(names: Sequence[str], limit: int) -> int | None:
+        used = {n[len(_CLAIM):] for n in names if n.startswith(_CLAIM)}
+        return next((i for i in range(limit) if str(i) not in used), None)
+
+    def _holder_of(self, zk: Any, parent: str, line: list[_Node],
+                   limit: int) -> tuple[str | None, bool]:
+        """The owner id of the first holder in line (or of the waiter at the front), and
+        whether it was still there when read."""
+        from kazoo.exceptions import NoNodeError
+
+        first = next((n for n in line[:limit] if n.kind == "l"), None) or (
+            line[0] if line else None)
+        if first is None:
+            return "", False
+        try:
+            data, _ = self._result(zk.get_async(f"{parent}/{first.name}"))
+        except NoNodeError:
+            return "", False
+        return self._load(data).get("owner", ""), True
+
+    def _take_fresh(self, zk: Any, key: str, token: str, limit: int, fields: dict[str, str],
+                    slot: bool) -> tuple[bool, int, str | None, str, int]:
         """Put a node in line; keep it if it is among the ``limit`` first, else remove it."""
-        from kazoo.exceptions import NodeExistsError, NoNodeError
+        from kazoo.exceptions import NoNodeError
 
         parent = self._parent(key)
         prefix = f"{parent}/{_LOCK}{_encode(token)}-"
         data = self._dump(fields)
         for _ in range(TRIES):
+            # Look first: a full line refuses at once, without a node of ours in it, so a
+            # refused attempt never stands in line ahead of anyone.
+            try:
+                ahead = _line(self._result(zk.get_children_async(parent)))
+            except NoNodeError:
+                ahead = None
+            if ahead is not None and len(ahead) >= limit:
+                mine = [n for n in ahead[:limit] if n.kind == "l" and n.token == token]
+                if mine:
+                    held = self._held_already(zk, parent, mine[0])
+                    if held is None:
+                        continue
+                    return held
+                owner, present = self._holder_of(zk, parent, ahead, limit)
+                if not present:
+                    continue  # the one at the front left meanwhile: look again
+                return False, 0, owner, "", 0
+            if ahead is None:
+                first = self._take_new_parent(zk, parent, prefix, token, fields, slot)
+                if first is not None:
+                    return first
+                continue
             created = zk.create_async(prefix, data, ephemeral=True, sequence=True,
                                       include_data=True)
             listed = zk.get_children_async(parent)
@@ -622,104 +685,161 @@ class ZooKeeperBackend(LockBackend):
                 path, stat = self._result(created)
             except NoNodeError:
                 self._quiet(listed)
-                # No parent: make it and the first node in one transaction; the first child
-                # of a new parent has sequence 0, so its stat can be asked in the same trip.
-                txn = zk.transaction()
-                txn.create(parent, b"")
-                txn.create(prefix, data, ephemeral=True, sequence=True)
-                committed = txn.commit_async()
-                first = zk.exists_async(prefix + "0" * 10)
-                try:
-                    results = self._result(committed)
-                except _Down:
-                    self._forget_later_txn(committed, prefix + "0" * 10)
-                    raise
-                stat = self._quiet(first)
-                if not isinstance(results[0], BaseException) and stat is not None:
-                    return True, int(stat.czxid), None, prefix + "0" * 10
-                if isinstance(results[0], NoNodeError):
-                    self._ensure(zk, parent.rsplit("/", 1)[0])
-                elif not isinstance(results[0], NodeExistsError):
-                    raise _Down(f"cannot create {parent}: {results[0]!r}") from None
-                continue
+                continue  # the parent went since we looked
             except _Down:
                 self._forget_later(created)
                 raise
             try:
-                line = _line(self._result(listed))
+                names = self._result(listed)
             except _Down:
                 self._orphan(path)
                 raise
             except NoNodeError:
-                line = []
+                names = []
+            line = _line(names)
             name = path.rsplit("/", 1)[1]
             rank = next((i for i, n in enumerate(line) if n.name == name), len(line))
             mine = [n for n in line[:limit] if n.kind == "l" and n.token == token
                     and n.name != name]
             if rank < limit and not mine:
-                return True, int(stat.czxid), None, path
-            # Not ours (or already ours by an older node): take the new node out of line.
+                if not slot:
+                    return True, int(stat.czxid), None, path, 0
+                index = self._claim(zk, parent, names, limit, token, path, fields)
+                if index is not None:
+                    return True, int(stat.czxid), None, path, index
+            # Not ours (or ours already by an older node): take the new node out of line.
             deleted = zk.delete_async(path)
-            if mine:
-                held = f"{parent}/{mine[0].name}"
-                got = zk.get_async(held)
-                self._settle_delete(deleted, path)
-                try:
-                    hdata, hstat = self._result(got)
-                except NoNodeError:
-                    continue
-                return True, self._fence(self._load(hdata), hstat), None, held
-            holder_node = next((n for n in line[:limit] if n.kind == "l"), None)
-            got = zk.get_async(f"{parent}/{holder_node.name}") if holder_node else None
             self._settle_delete(deleted, path)
-            owner: str | None = ""
-            if got is not None:
-                try:
-                    hdata, _ = self._result(got)
-                    owner = self._load(hdata).get("owner", "")
-                except NoNodeError:
-                    owner = ""
-            return False, 0, owner, ""
-        raise _Down(f"cannot take {key!r}: its parent node keeps disappearing")
+            if mine:
+                held = self._held_already(zk, parent, mine[0])
+                if held is None:
+                    continue
+                return held
+            owner, present = self._holder_of(zk, parent, [n for n in line if n.name != name],
+                                             limit)
+            if not present and line and rank > 0:
+                continue  # the one ahead left meanwhile: look again
+            return False, 0, owner, "", 0
+        raise _Down(f"cannot take {key!r}: the line keeps changing")
 
-    def _take_with_ticket(self, zk: Any, key: str, token: str, limit: int,
-                          fields: dict[str, str],
-                          ticket: _Ticket) -> tuple[bool, int, str | None, str] | None:
-        """A waiter's attempt: its ticket becomes the lock once it is among the first
-        ``limit``. None when the ticket is gone (the caller then tries afresh)."""
-        from kazoo.exceptions import NoNodeError
+    def _take_new_parent(self, zk: Any, parent: str, prefix: str, token: str,
+                         fields: dict[str, str],
+                         slot: bool) -> tuple[bool, int, str | None, str, int] | None:
+        """No parent: make it and the first node (and slot 0) in one transaction. The first
+        child of a new parent has sequence 0, so its stat is asked in the same round trip.
+        None when another made the parent first."""
+        from kazoo.exceptions import NodeExistsError, NoNodeError
 
-        parent = self._parent(key)
-        line = self._children(zk, parent)
-        rank = next((i for i, n in enumerate(line) if n.name == ticket.name), None)
-        if rank is None:
-            self._drop_ticket(key, ticket)
-            return None
-        if rank >= limit:
-            holder_node = next((n for n in line[:limit] if n.kind == "l"), None)
-            owner: str | None = ""
-            if holder_node is not None:
-                try:
-                    hdata, _ = self._result(zk.get_async(f"{parent}/{holder_node.name}"))
-                    owner = self._load(hdata).get("owner", "")
-                except NoNodeError:
-                    pass
-            return False, 0, owner, ""
-        fields = {**fields, "fence": str(ticket.czxid)}
-        path = f"{parent}/{_LOCK}{_encode(token)}-{ticket.seq:010d}"
+        first_path = prefix + "0" * 10
         txn = zk.transaction()
-        txn.delete(ticket.path)
-        txn.create(path, self._dump(fields), ephemeral=True)
+        txn.create(parent, b"")
+        txn.create(prefix, self._dump({**fields, "slot": "0"} if slot else fields),
+                   ephemeral=True, sequence=True)
+        if slot:
+            txn.create(f"{parent}/{_CLAIM}0", token.encode(), ephemeral=True)
         committed = txn.commit_async()
+        first = zk.exists_async(first_path)
         try:
             results = self._result(committed)
         except _Down:
-            self._forget_later_txn(committed, path)
+            self._forget_later_txn(committed, first_path)
             raise
-        self._drop_ticket(key, ticket)
-        if any(isinstance(r, BaseException) for r in results):
+        stat = self._quiet(first)
+        if not isinstance(results[0], BaseException) and stat is not None:
+            return True, int(stat.czxid), None, first_path, 0
+        if isinstance(results[0], NoNodeError):
+            self._ensure(zk, parent.rsplit("/", 1)[0])
+        elif not isinstance(results[0], NodeExistsError):
+            raise _Down(f"cannot create {parent}: {results[0]!r}")
+        return None
+
+    def _held_already(self, zk: Any, parent: str,
+                      node: _Node) -> tuple[bool, int, str | None, str, int] | None:
+        """An acquire by the token that holds the lock already: its fence and slot."""
+        from kazoo.exceptions import NoNodeError
+
+        path = f"{parent}/{node.name}"
+        try:
+            data, stat = self._result(zk.get_async(path))
+        except NoNodeError:
             return None
-        return True, ticket.czxid, None, path
+        fields = self._load(data)
+        slot = fields.get("slot", "0")
+        return True, self._fence(fields, stat), None, path, int(slot) if slot.isdigit() else 0
+
+    def _claim(self, zk: Any, parent: str, names: Sequence[str], limit: int, token: str,
+               path: str, fields: dict[str, str]) -> int | None:
+        """Take the first free slot number (an ephemeral ``slot-<i>`` beside the nodes, its
+        data the token) and write it into the node at ``path``, in the same round trip."""
+        from kazoo.exceptions import NodeExistsError
+
+        taken = set(names)
+        for _ in range(limit):
+            index = self._free_slot(list(taken), limit)
+            if index is None:
+                return None
+            claim = f"{parent}/{_CLAIM}{index}"
+            pending = zk.create_async(claim, token.encode(), ephemeral=True)
+            written = zk.set_async(path, self._dump({**fields, "slot": str(index)}))
+            try:
+                self._result(pending)
+            except NodeExistsError:
+                taken.add(f"{_CLAIM}{index}")
+                continue
+            except _Down:
+                self._forget_later(pending)
+                raise
+            try:
+                self._result(written)
+            except Exception:  # noqa: BLE001 - the node went: give the number back
+                zk.delete_async(claim)
+                return None
+            return index
+        return None
+
+    def _take_with_ticket(self, zk: Any, key: str, token: str, limit: int,
+                          fields: dict[str, str], ticket: _Ticket,
+                          slot: bool) -> tuple[bool, int, str | None, str, int] | None:
+        """A waiter's attempt: its ticket becomes the lock once it is among the first
+        ``limit``. None when the ticket is gone (the caller then tries afresh)."""
+        parent = self._parent(key)
+        for _ in range(TRIES):
+            names = self._quiet(zk.get_children_async(parent)) or []
+            line = _line(names)
+            rank = next((i for i, n in enumerate(line) if n.name == ticket.name), None)
+            if rank is None:
+                self._drop_ticket(key, ticket)
+                return None
+            if rank >= limit:
+                owner, _ = self._holder_of(zk, parent, line, limit)
+                return False, 0, owner, "", 0
+            index = self._free_slot(names, limit) if slot else 0
+            if index is None:
+                owner, _ = self._holder_of(zk, parent, line, limit)
+                return False, 0, owner, "", 0
+            fields = {**fields, "fence": str(ticket.czxid)}
+            if slot:
+                fields["slot"] = str(index)
+            path = f"{parent}/{_LOCK}{_encode(token)}-{ticket.seq:010d}"
+            txn = zk.transaction()
+            txn.delete(ticket.path)
+            txn.create(path, self._dump(fields), ephemeral=True)
+            if slot:
+                txn.create(f"{parent}/{_CLAIM}{index}", token.encode(), ephemeral=True)
+            committed = txn.commit_async()
+            try:
+                results = self._result(committed)
+            except _Down:
+                self._forget_later_txn(committed, path)
+                raise
+            if not any(isinstance(r, BaseException) for r in results):
+                self._drop_ticket(key, ticket)
+                return True, ticket.czxid, None, path, index
+            if slot and type(results[-1]).__name__ == "NodeExistsError":
+                continue  # another took that slot number first: choose again
+            self._drop_ticket(key, ticket)
+            return None
+        return None
 
     def _forget_later_txn(self, committed: Any, path: str) -> None:
         def done(result: Any) -> None:
@@ -758,20 +878,31 @@ class ZooKeeperBackend(LockBackend):
         """True: deleted; False: it was not ours; None: no answer (retried until deadline)."""
         from kazoo.exceptions import NoNodeError
 
-        base, _ = _split_slot(key)
+        base, index = _split_slot(key)
         try:
             zk = self._client()
             path = self._find(zk, base, token)
             if path is None:
                 self._forget(base, token)
                 return False
-            deleted = zk.delete_async(path)
-            zk.delete_async(self._parent(base))  # the last holder removes the parent
+            claim = self._my_claim(zk, base, index, token)
             self._forget(base, token)
+            if claim is not None:
+                txn = zk.transaction()
+                txn.delete(path)
+                txn.delete(claim[0], claim[1])
+                deleted = txn.commit_async()
+            else:
+                deleted = zk.delete_async(path)
+            zk.delete_async(self._parent(base))  # the last holder removes the parent
             try:
-                self._result(deleted)
+                answer = self._result(deleted)
             except NoNodeError:
                 return False
+            if isinstance(answer, list) and any(isinstance(r, BaseException) for r in answer):
+                if isinstance(answer[0], NoNodeError):
+                    return False
+                self._quiet(zk.delete_async(path))  # the claim changed hands: the node alone
             return True
         except _Down as exc:
             logger.info("cannot release %s on %s yet: %s", key, self.description, exc)
@@ -836,9 +967,14 @@ class ZooKeeperBackend(LockBackend):
                 if moved:
                     # Adopt: re-create the node under this session, same name, same token.
                     fields.setdefault("fence", str(stat.czxid))
+                    index = _split_slot(items[j].key)[1]
+                    claim = self._my_claim(zk, bases[j], index, items[j].token)
                     txn = zk.transaction()
                     txn.delete(paths[j], version=stat.version)
                     txn.create(paths[j], self._dump(fields), ephemeral=True)
+                    if claim is not None:  # its slot number moves with it
+                        txn.delete(claim[0], claim[1])
+                        txn.create(claim[0], items[j].token.encode(), ephemeral=True)
                     writes[j] = txn.commit_async()
                 else:
                     writes[j] = zk.set_async(paths[j], self._dump(fields), stat.version)
@@ -888,9 +1024,14 @@ class ZooKeeperBackend(LockBackend):
                     fields[str(k)] = str(v)
                 fields.update(token=new_token, ttl=f"{ttl_s:g}", fence=str(fence), renewals="0")
                 new_path = f"{path.rsplit('/', 1)[0]}/{_LOCK}{_encode(new_token)}-{path[-10:]}"
+                index = _split_slot(key)[1]
+                claim = self._my_claim(zk, base, index, token)
                 txn = zk.transaction()
                 txn.delete(path, version=stat.version)
                 txn.create(new_path, self._dump(fields), ephemeral=True)
+                if claim is not None:
+                    txn.delete(claim[0], claim[1])
+                    txn.create(claim[0], new_token.encode(), ephemeral=True)
                 committed = txn.commit_async()
                 try:
                     results = self._result(committed)
@@ -932,6 +1073,7 @@ class ZooKeeperBackend(LockBackend):
         deadline = self.clock() + timeout_s
         ident = (threading.get_ident(), key)
         wake = threading.Event()
+        front = False
         with self._mutex:
             self._wakers.add(wake)
         try:
@@ -950,9 +1092,11 @@ class ZooKeeperBackend(LockBackend):
                 if remaining <= 0:
                     return False
                 try:
-                    self._watch_ahead(key, ident, wake)
+                    # At the front yet not taken (a race, a refusal of tried's own): try at
+                    # once the first time, then wait for the line to change.
+                    front = self._watch_ahead(key, ident, wake, patient=front)
                 except _Down:
-                    pass
+                    front = False
                 wake.wait(min(remaining, WAKE_S))
         finally:
             with self._mutex:
@@ -982,44 +1126,46 @@ class ZooKeeperBackend(LockBackend):
         except _Down:
             self._orphan(ticket.path)
 
-    def _watch_ahead(self, key: str, ident: tuple[int, str], wake: threading.Event) -> None:
-        """Set a watch that fires when this waiter may be at the front."""
+    def _watch_ahead(self, key: str, ident: tuple[int, str], wake: threading.Event, *,
+                     patient: bool) -> bool:
+        """Set a watch that fires when this waiter may have reached the front. True when it is
+        at the front already: then ``wake`` is set at once, unless ``patient``, in which case
+        any change of the line wakes it."""
+        from kazoo.exceptions import NoNodeError
+
         with self._mutex:
             ticket = self._tickets.get(ident)
             limit = self._limits.get(key, 1)
         if ticket is None:
             wake.set()
-            return
+            return False
         zk = self._client()
         parent = self._parent(key)
 
         def fired(_event: Any) -> None:
             wake.set()
 
-        if limit > 1:
-            from kazoo.exceptions import NoNodeError
-
-            try:
-                names = self._result(zk.get_children_async(parent, watch=fired))
-            except NoNodeError:
-                wake.set()
-                return
-            line = _line(names)
-            rank = next((i for i, n in enumerate(line) if n.name == ticket.name), None)
-            if rank is None or rank < limit:
-                wake.set()
-            return
-        line = self._children(zk, parent)
-        rank = next((i for i, n in enumerate(line) if n.name == ticket.name), None)
-        if rank is None or rank == 0:
-            if rank == 0:  # at the front already: wait for any change, not a busy loop
-                self._result(zk.get_children_async(parent, watch=fired))
-            else:
-                wake.set()
-            return
-        ahead = f"{parent}/{line[rank - 1].name}"
-        if self._result(zk.exists_async(ahead, watch=fired)) is None:
+        watch_line = limit > 1 or patient
+        try:
+            names = self._result(zk.get_children_async(parent, watch=fired if watch_line
+                                                      else None))
+        except NoNodeError:
             wake.set()
+            return False
+        line = _line(names)
+        rank = next((i for i, n in enumerate(line) if n.name == ticket.name), None)
+        if rank is None:
+            wake.set()
+            return False
+        if rank < limit:
+            if not patient:
+                wake.set()
+            return True
+        if not watch_line:
+            ahead = f"{parent}/{line[rank - 1].name}"
+            if self._result(zk.exists_async(ahead, watch=fired)) is None:
+                wake.set()
+        return False
 
     # -- coalesce ----------------------------------------------------------------------------
 
@@ -1143,6 +1289,7 @@ class ZooKeeperBackend(LockBackend):
         from kazoo.exceptions import NoNodeError
 
         records: list[LockRecord] = []
+        head = prefix + ":"  # the keys "<prefix>:...", as SCAN MATCH "<prefix>:*" reads them
         try:
             zk = self._client()
             try:
@@ -1153,11 +1300,11 @@ class ZooKeeperBackend(LockBackend):
                 page = buckets[b:b + (PAGE // 4 or 1)]
                 listed = [(bk, zk.get_children_async(f"{self._root}/locks/{bk}")) for bk in page]
                 keys: list[str] = []
-                for bk, pending in listed:
+                for _bk, pending in listed:
                     for name in self._quiet(pending) or ():
                         key = unquote(name)
-                        if key.startswith(prefix) and (
-                                pattern is None or fnmatch.fnmatchcase(key, pattern)):
+                        if (fnmatch.fnmatchcase(key, pattern) if pattern
+                                else key.startswith(head)):
                             keys.append(key)
                 keys.sort()
                 for k in range(0, len(keys), PAGE):
@@ -1171,7 +1318,7 @@ class ZooKeeperBackend(LockBackend):
 
     def _read_parents(self, zk: Any, keys: Sequence[str]) -> list[LockRecord]:
         listed = [(key, zk.get_children_async(self._parent(key))) for key in keys]
-        reads: list[tuple[str, str, Any]] = []
+        reads: list[tuple[str, int, str, Any]] = []
         for key, pending in listed:
             names = self._quiet(pending)
             if names is None:
@@ -1179,33 +1326,29 @@ class ZooKeeperBackend(LockBackend):
             if not names:
                 zk.delete_async(self._parent(key))  # bounded cleanup of an empty parent
                 continue
-            line = _line(names)
-            for node in [n for n in line if n.kind == "l"][:64]:
-                reads.append((key, node.name, zk.get_async(f"{self._parent(key)}/{node.name}")))
-        per_key: dict[str, list[tuple[int, LockView, str]]] = {}
-        for key, name, pending in reads:
+            for rank, node in enumerate(_line(names)[:64]):
+                if node.kind == "l":
+                    reads.append((key, rank, node.name,
+                                  zk.get_async(f"{self._parent(key)}/{node.name}")))
+        records = []
+        for key, rank, name, pending in reads:
             got = self._quiet(pending)
             if got is None:
                 continue
-            view, slot_limit = self._view(f"{self._parent(key)}/{name}", *got)
-            per_key.setdefault(key, []).append((int(name[-10:]), view, slot_limit))
-        records = []
-        for key, _ in listed:
-            records.extend(self._holders(key, per_key.get(key, []), listed_line=None))
+            record = self._record(key, rank, f"{self._parent(key)}/{name}", *got)
+            if record is not None:
+                records.append(record)
         return records
 
-    def _holders(self, key: str, views: list[tuple[int, LockView, str]],
-                 listed_line: Any) -> list[LockRecord]:
-        """The records of the nodes that hold ``key`` (the first ``limit`` in line)."""
-        if not views:
-            return []
-        limits = [int(lim) for _, _, lim in views if lim.isdigit()]
-        limit = max(limits) if limits else 1
-        out = []
-        for seq, view, slot_limit in sorted(views, key=lambda v: v[0])[:limit]:
-            name = f"{key}:slot:{seq}" if slot_limit else key
-            out.append(LockRecord.from_view(name, view))
-        return out
+    def _record(self, key: str, rank: int, path: str, data: bytes,
+                stat: Any) -> LockRecord | None:
+        """The record of the node at ``path`` (``rank`` in line) if it holds ``key``: the
+        first in line, or a node that has a slot number."""
+        view, slotted = self._view(path, data, stat)
+        slot = view.fields.get("slot", "")
+        if slotted:
+            return LockRecord.from_view(f"{key}:slot:{slot}", view) if slot.isdigit() else None
+        return LockRecord.from_view(key, view) if rank == 0 else None
 
     def lock_info(self, key: str) -> LockRecord | None:
         try:
@@ -1216,48 +1359,57 @@ class ZooKeeperBackend(LockBackend):
     def _lock_info(self, zk: Any, key: str) -> LockRecord | None:
         from kazoo.exceptions import NoNodeError
 
-        base, seq = _split_slot(key)
+        base, index = _split_slot(key)
         parent = self._parent(base)
+        pending_claim = (zk.get_async(f"{parent}/{_CLAIM}{index}") if index is not None
+                         else None)
         line = self._children(zk, parent)
-        if seq is not None:
-            node = next((n for n in line if n.seq == seq and n.kind == "l"), None)
+        if pending_claim is not None:
+            try:
+                holder = self._result(pending_claim)[0].decode("utf-8", "replace")
+            except NoNodeError:
+                return None
+            rank, node = next(((r, n) for r, n in enumerate(line)
+                               if n.kind == "l" and n.token == holder), (0, None))
         else:
-            node = line[0] if line and line[0].kind == "l" else None
+            rank, node = (0, line[0]) if line and line[0].kind == "l" else (0, None)
         if node is None:
             return None
         try:
             data, stat = self._result(zk.get_async(f"{parent}/{node.name}"))
         except NoNodeError:
             return None
-        view, slot_limit = self._view(f"{parent}/{node.name}", data, stat)
-        if bool(slot_limit) != (seq is not None):
-            return None  # a slot asked by its lock's key, or a plain lock by a slot key
-        if seq is not None:
-            rank = next(i for i, n in enumerate(line) if n.seq == seq)
-            if rank >= int(slot_limit):
-                return None
-        return LockRecord.from_view(key, view)
+        record = self._record(base, rank, f"{parent}/{node.name}", data, stat)
+        return record if record is not None and record.key == key else None
 
     def force_release(self, record: LockRecord) -> int:
-        from kazoo.exceptions import BadVersionError, NoNodeError
+        from kazoo.exceptions import NoNodeError
 
-        base, seq = _split_slot(record.key)
+        base, index = _split_slot(record.key)
         try:
             zk = self._client()
-            if record.token:
-                path = self._find(zk, base, record.token)
-            else:
-                line = self._children(zk, self._parent(base))
-                node = next((n for n in line if n.kind == "l" and (seq is None or n.seq == seq)),
-                            None)
-                path = f"{self._parent(base)}/{node.name}" if node else None
+            token = record.token
+            if not token:
+                found = self._lock_info(zk, record.key)
+                token = found.token if found is not None else ""
+            path = self._find(zk, base, token) if token else None
             if path is None:
                 return 0
-            try:
-                self._result(zk.delete_async(path))
-            except (NoNodeError, BadVersionError):
-                return 0
+            claim = self._my_claim(zk, base, index, token)
+            txn = zk.transaction()
+            txn.delete(path)
+            if claim is not None:
+                txn.delete(claim[0], claim[1])
+            results = self._result(txn.commit_async())
+            self._forget(base, token)
             zk.delete_async(self._parent(base))
+            if isinstance(results[0], NoNodeError):
+                return 0
+            if any(isinstance(r, BaseException) for r in results):
+                try:
+                    self._result(zk.delete_async(path))
+                except NoNodeError:
+                    return 0
             return 1
         except _Down as exc:
             raise self._error(f"release lock {record.key!r}", exc, record.key) from exc
