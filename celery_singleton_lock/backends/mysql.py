@@ -294,6 +294,14 @@ class MySQLBackend(SQLBackend):
         except Exception:
             pass
 
+    def connection_lost(self, conn: Any, exc: BaseException) -> bool:
+        err = self._pymysql.err
+        if isinstance(exc, err.InterfaceError) or not conn.open:
+            return True
+        # 2006 server has gone away, 2013 lost connection, 4031 disconnected for inactivity.
+        return (isinstance(exc, err.OperationalError) and bool(exc.args)
+                and exc.args[0] in (2006, 2013, 4031))
+
     def missing_table(self, exc: BaseException) -> bool:
         return (isinstance(exc, self._pymysql.err.ProgrammingError) and bool(exc.args)
                 and exc.args[0] == 1146)

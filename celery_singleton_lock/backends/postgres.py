@@ -301,6 +301,9 @@ class PostgresBackend(SQLBackend):
         except Exception:
             pass
 
+    def connection_lost(self, conn: Any, exc: BaseException) -> bool:
+        return bool(conn.closed or conn.broken)
+
     def missing_table(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.errors.UndefinedTable)
 
@@ -483,7 +486,16 @@ class PostgresBackend(SQLBackend):
             # No notification (the listening connection is down): poll.
             super().sleep_until_released(key, None, remaining)
             return
-        watch.wait(min(remaining, WAIT_RECHECK_S))
+        # A lapse sends no notification: wake when the holder's lease ends, if sooner.
+        wait = min(remaining, WAIT_RECHECK_S)
+        t = table_names(key)
+        try:
+            row = self.run(t, lambda c: c.execute(self.st(t).holder, {"key": key}).fetchone())
+        except self.driver_errors:
+            row = None
+        if row is not None and int(row[1]) >= 0:
+            wait = min(wait, int(row[1]) / 1000.0 + 0.005)
+        watch.wait(wait)
 
     def close(self) -> None:
         with self._listener_lock:

@@ -267,17 +267,19 @@ class ConnectionPool:
                 pass
             self._inherited.append(conn)  # never finalised in this process
 
-    def get(self) -> Any:
+    def get(self, fresh: bool = False) -> tuple[Any, bool]:
+        """A connection, and whether it was used before (an idle one) or is new."""
         if self._pid != os.getpid():
             self.forget_inherited()
-        while True:
+        while not fresh:
             with self._lock:
                 conn, since = self._idle.pop() if self._idle else (None, 0.0)
             if conn is None:
-                return self._backend.connect()
+                break
             if self._backend.usable(conn, time.monotonic() - since):
-                return conn
+                return conn, True
             self._backend.discard(conn)
+        return self._backend.connect(), False
 
     def put(self, conn: Any) -> None:
         if self._pid != os.getpid():
@@ -345,6 +347,9 @@ class SQLBackend(LockBackend):
         self._next_sweep: dict[str, float] = {}
         self._sweep_cursor: dict[str, str] = {}
         self._sweep_lock = threading.Lock()
+        #: Releases that failed, to try again until their deadline: (key, token, deadline).
+        self._retry: list[tuple[str, str, float]] = []
+        self._retry_lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -419,8 +424,8 @@ class SQLBackend(LockBackend):
     @contextmanager
     def connection(self, names: TableNames | None = None) -> Iterator[Any]:
         """A connection for one operation, returned to the pool if it went well. Driver
-        errors are raised as they are (callers map them)."""
-        conn = self._pool.get()
+        errors are raised as they are."""
+        conn, _ = self._pool.get()
         try:
             if names is not None and names.base not in self._ready:
                 self._ensure(conn, names)
@@ -439,28 +444,48 @@ class SQLBackend(LockBackend):
         with self._ready_lock:
             self._ready.add(names.base)
 
-    def run(self, names: TableNames | None, fn: Callable[[Any], Any]) -> Any:
-        """``fn(conn)`` on a pooled connection; once more on a new one if a table was
-        missing (dropped since it was made: it is made again). Driver errors propagate."""
-        for attempt in (0, 1):
+    def run(self, names: TableNames | None, fn: Callable[[Any], Any], *,
+            idempotent: bool = True) -> Any:
+        """``fn(conn)`` on a pooled connection. Driver errors propagate, but for two cases
+        that are run again once: a table was missing (dropped since it was made: it is made
+        again), and, for an ``idempotent`` operation, an idle connection turned out dead (the
+        server ended it unseen) and is replaced."""
+        fresh = table_again = conn_again = False
+        while True:
+            conn, reused = self._pool.get(fresh=fresh)
             try:
-                with self.connection(names) as conn:
-                    return fn(conn)
+                if names is not None and names.base not in self._ready:
+                    self._ensure(conn, names)
+                result = fn(conn)
             except self.driver_errors as exc:
-                if attempt == 0 and names is not None and self.missing_table(exc):
+                lost = self.connection_lost(conn, exc)
+                self.discard(conn)
+                if not table_again and names is not None and self.missing_table(exc):
                     with self._ready_lock:
                         self._ready.discard(names.base)
+                    table_again = True
+                    continue
+                if idempotent and reused and lost and not conn_again:
+                    conn_again = fresh = True
                     continue
                 raise
-        raise AssertionError("unreachable")
+            except BaseException:
+                self.discard(conn)
+                raise
+            self._pool.put(conn)
+            return result
 
     def call(self, what: str, key: str | None, names: TableNames | None,
-             fn: Callable[[Any], Any]) -> Any:
+             fn: Callable[[Any], Any], *, idempotent: bool = True) -> Any:
         """:meth:`run`, a driver error raised as :class:`LockBackendError`."""
         try:
-            return self.run(names, fn)
+            return self.run(names, fn, idempotent=idempotent)
         except self.driver_errors as exc:
             raise self.failure(what, exc, key) from exc
+
+    @abc.abstractmethod
+    def connection_lost(self, conn: Any, exc: BaseException) -> bool:
+        """Whether ``exc`` (raised using ``conn``) means the connection itself is gone."""
 
     # -- dialect operations (one connection each) --------------------------------------------
 
@@ -568,8 +593,33 @@ class SQLBackend(LockBackend):
 
     def release(self, key: str, token: str, *, deadline: float | None = None) -> bool:
         t = table_names(key)
-        return bool(self.call(f"cannot release lock {key!r}", key, t,
-                              lambda c: self.op_release(c, t, key, token)))
+        try:
+            return bool(self.run(t, lambda c: self.op_release(c, t, key, token),
+                                 idempotent=False))
+        except self.driver_errors as exc:
+            if deadline is not None and deadline > self.clock():
+                with self._retry_lock:
+                    self._retry.append((key, token, deadline))
+            raise self.failure(f"cannot release lock {key!r}", exc, key) from exc
+
+    def retry_releases(self) -> int:
+        """Try again the releases that failed and are still before their deadline; returns
+        how many are still pending."""
+        with self._retry_lock:
+            pending, self._retry = self._retry, []
+        keep = []
+        for key, token, deadline in pending:
+            if deadline <= self.clock():
+                continue
+            t = table_names(key)
+            try:
+                self.run(t, lambda c, k=key, tok=token: self.op_release(c, t, k, tok),
+                         idempotent=False)
+            except self.driver_errors:
+                keep.append((key, token, deadline))
+        with self._retry_lock:
+            self._retry.extend(keep)
+            return len(self._retry)
 
     def extend_many(self, items: Sequence[Renewal], *,
                     count_renewal: bool = True) -> list[bool | None]:
@@ -608,7 +658,7 @@ class SQLBackend(LockBackend):
         ttl_ms = max(1, int(ttl_s * 1000))
         return self.call(f"cannot hand lock {key!r} over", key, t,
                          lambda c: self.op_handover(c, t, key, token, new_token, ttl_ms, cols,
-                                                    given))
+                                                    given), idempotent=False)
 
     def owned(self, key: str, token: str) -> bool:
         row = self._read(key, "cannot read lock")
@@ -638,7 +688,8 @@ class SQLBackend(LockBackend):
         t = table_names(lock_key)
         return int(self.call(f"cannot claim beat entry {entry!r}", lock_key, t,
                              lambda c: self.op_claim_run(c, t, lock_key, token, state_key,
-                                                         entry, previous, now)))
+                                                         entry, previous, now),
+                             idempotent=False))
 
     def last_runs(self, state_key: str) -> dict[str, float]:
         t = table_names(state_key)
@@ -698,7 +749,8 @@ class SQLBackend(LockBackend):
                                       and v.token), "")
         t = table_names(record.key)
         done = self.call(f"cannot release lock {record.key!r}", record.key, t,
-                         lambda c: self.op_release(c, t, record.key, token or None))
+                         lambda c: self.op_release(c, t, record.key, token or None),
+                         idempotent=False)
         return 1 if done else 0
 
     def force_release_many(self, records: Sequence[LockRecord]) -> int:
@@ -782,9 +834,11 @@ class SQLBackend(LockBackend):
 
     def needs_maintenance(self) -> bool:
         now = self.clock()
-        return any(due <= now for due in self._next_sweep.values())
+        return bool(self._retry) or any(due <= now for due in self._next_sweep.values())
 
     def maintain(self) -> None:
+        if self._retry:
+            self.retry_releases()
         now = self.clock()
         for base, due in list(self._next_sweep.items()):
             if due <= now:

@@ -1,0 +1,701 @@
+"""The PostgreSQL and MySQL/MariaDB lock stores, against the real servers of the machine.
+
+Each test session makes its own database (tests/kinds_sql.py) and drops it at the end; each
+test uses keys of its own. Outages are real network faults: the store talks to the database
+through a TCP relay (:class:`Relay`) that the test cuts and restores, and killed sessions
+are killed by the server (``pg_terminate_backend``, ``KILL CONNECTION``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from celery_singleton_lock.backends.base import Capability, LockBackend, LockRecord, Renewal
+from celery_singleton_lock.backends.registry import open_backend
+from celery_singleton_lock.backends.sql import PAGE_ROWS, TableNames, slot_key
+from celery_singleton_lock.errors import LockBackendError, LockConfigError
+from tests.servers import free_port, wait_until
+
+KIND_PARAMS = ["postgres", "mysql"]
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(params=KIND_PARAMS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def db_url(kind: str, request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue(f"_store_{kind}")
+
+
+def _open(url: str, **kw: Any) -> LockBackend:
+    return open_backend(url, **kw)
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[LockBackend]:
+    s = _open(db_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def key() -> str:
+    return f"csl:test.task:{{{secrets.token_hex(8)}}}"
+
+
+def admin_sql(url: str, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+    """Run ``sql`` on the test database through a connection of the test's own."""
+    if url.startswith("postgres"):
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            cur = conn.execute(sql, args)
+            return [tuple(r) for r in cur.fetchall()] if cur.description else []
+    import pymysql
+
+    parts = urlsplit(url)
+    conn = pymysql.connect(host=parts.hostname, port=parts.port or 3306,
+                           user=parts.username or "root", password=parts.password or "",
+                           database=parts.path.lstrip("/"), autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return [tuple(r) for r in cur.fetchall()] if cur.description else []
+    finally:
+        conn.close()
+
+
+def store_sessions(url: str) -> list[int]:
+    """Server-side ids of the store's sessions on the test database."""
+    db = urlsplit(url).path.lstrip("/")
+    if url.startswith("postgres"):
+        return [r[0] for r in admin_sql(
+            url, "SELECT pid FROM pg_stat_activity WHERE datname = %s AND "
+                 "application_name = 'celery-singleton-lock'", (db,))]
+    return [r[0] for r in admin_sql(
+        url, "SELECT id FROM information_schema.processlist WHERE db = %s AND id <> "
+             "CONNECTION_ID()", (db,))]
+
+
+def kill_sessions(url: str) -> int:
+    ids = store_sessions(url)
+    for pid in ids:
+        if url.startswith("postgres"):
+            admin_sql(url, "SELECT pg_terminate_backend(%s)", (pid,))
+        else:
+            try:
+                admin_sql(url, f"KILL CONNECTION {int(pid)}")
+            except Exception:
+                pass
+    return len(ids)
+
+
+class Relay:
+    """A TCP relay from a local port to the database: ``cut()`` closes every relayed
+    connection and refuses new ones (the database is unreachable), ``restore()`` listens
+    again on the same port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._server: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=3)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        if self._server is not None:
+            try:  # wakes the accepting thread (a bare close would leave it listening)
+                self._server.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._server.close()
+            self._server = None
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def url_for(self, url: str) -> str:
+        parts = urlsplit(url)
+        netloc = parts.netloc.rsplit("@", 1)
+        auth = netloc[0] + "@" if len(netloc) == 2 else ""
+        return urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{self.port}"))
+
+
+@pytest.fixture
+def relay(db_url: str) -> Iterator[Relay]:
+    parts = urlsplit(db_url)
+    r = Relay(parts.hostname or "127.0.0.1", parts.port or 5432)
+    yield r
+    r.cut()
+
+
+# ------------------------------------------------------------------------------------------
+# Taking, holding and giving back a lock
+
+
+META = [("owner", "task-1"), ("task", "proj.tasks.sync"), ("hostname", "worker-a"),
+        ("pid", 4242), ("mode", "while_executing"), ("acquired_at", "1700000000.250000"),
+        ("ttl", 30.0), ("renewals", 0)]
+
+
+def test_acquire_is_exclusive_and_reports_the_holder(store: LockBackend, key: str) -> None:
+    got = store.acquire(key, "tok-a", 5.0, META)
+    assert got.acquired and got.fence > 0 and got.key == key
+    assert 4.0 < got.validity_s <= 5.0
+    other = store.acquire(key, "tok-b", 5.0, [("owner", "task-2")])
+    assert not other.acquired and not other.backend_down
+    assert other.holder == "task-1"
+    assert 3000 < other.holder_pttl_ms <= 5000
+    assert store.holder(key) == "task-1"
+    assert store.owned(key, "tok-a") and not store.owned(key, "tok-b")
+    # The holder acquiring again refreshes its ttl and keeps its fencing token.
+    again = store.acquire(key, "tok-a", 5.0, META)
+    assert again.acquired and again.fence == got.fence
+    assert store.release(key, "tok-a") is True
+    assert store.holder(key) is None and not store.owned(key, "tok-a")
+    assert store.release(key, "tok-a") is False
+
+
+def test_metadata_reads_back_as_a_lock_record(store: LockBackend, key: str) -> None:
+    got = store.acquire(key, "tok-a", 7.0, [*META, ("queue", "celery")])
+    store.extend_many([Renewal(key, "tok-a", 7000)])
+    record = store.lock_info(key)
+    assert isinstance(record, LockRecord)
+    assert (record.key, record.task, record.task_id, record.hostname, record.pid,
+            record.mode) == (key, "proj.tasks.sync", "task-1", "worker-a", 4242,
+                             "while_executing")
+    assert record.acquired_at == pytest.approx(1700000000.25)
+    assert record.lock_ttl_s == 30.0 and record.renewals == 1 and record.fence == got.fence
+    assert 5.0 < record.ttl_s <= 7.0 and record.masters == 1 and record.n_masters == 1
+    assert record.token == "tok-a" and record.views[0].fields["queue"] == "celery"
+    assert record.as_json()["acquired_at"].startswith("2023-11-14T22:13:20.25")
+    listed = store.list_locks("csl", pattern=f"{key[:-1]}*")
+    assert [r.key for r in listed] == [key] and listed[0].task_id == "task-1"
+
+
+def test_fence_grows_with_every_acquisition_even_after_the_row_is_swept(db_url: str,
+                                                                         key: str) -> None:
+    store = _open(db_url, fence_ttl_ms=1)
+    try:
+        fences = []
+        for i in range(3):
+            got = store.acquire(key, f"tok-{i}", 5.0)
+            fences.append(got.fence)
+            assert store.release(key, f"tok-{i}")
+        # Taken over after expiry.
+        fences.append(store.acquire(key, "short", 0.05).fence)
+        wait_until(lambda: store.holder(key) is None, 3, message="lapse")
+        fences.append(store.acquire(key, "after", 5.0).fence)
+        assert store.release(key, "after")
+        # The sweep removes the free row (its counter lived fence_ttl = 1 ms)...
+        t = TableNames("csl")
+        wait_until(lambda: (store.sweep("csl", pages=1000), not admin_sql(
+            db_url, f"SELECT 1 FROM {t.locks} WHERE lock_key = %s", (key,)))[1], 5,
+            message="the row swept")
+        # ... and the next token still grows.
+        fences.append(store.acquire(key, "new-row", 5.0).fence)
+        assert fences == sorted(fences) and len(set(fences)) == len(fences)
+    finally:
+        store.close()
+
+
+def test_a_holder_whose_lock_was_taken_over_never_touches_the_successor(store: LockBackend,
+                                                                        key: str) -> None:
+    first = store.acquire(key, "old", 0.3, [("owner", "old-task")])
+    assert first.acquired
+    wait_until(lambda: store.acquire(key, "new", 5.0, [("owner", "new-task")]).acquired, 5,
+               message="takeover after expiry")
+    assert store.extend_many([Renewal(key, "old", 5000)]) == [False]
+    assert store.extend(key, "old", 5.0) is False
+    assert store.release(key, "old") is False
+    assert store.handover(key, "old", "thief", 5.0) is None
+    record = store.lock_info(key)
+    assert record is not None and record.token == "new" and record.task_id == "new-task"
+    assert record.fence is not None and record.fence > first.fence
+    assert store.owned(key, "new")
+
+
+def test_expiry_follows_the_server_clock_not_the_clients(store: LockBackend, key: str) -> None:
+    frozen = 1000.0
+    store.clock = lambda: frozen  # the client's clock stands still
+    got = store.acquire(key, "a", 0.4)
+    assert got.acquired and got.validity_s == pytest.approx(0.4)
+    started = time.monotonic()
+    wait_until(lambda: store.holder(key) is None, 5, message="server-side expiry")
+    assert time.monotonic() - started >= 0.2
+    assert store.acquire(key, "b", 5.0).acquired
+    # The row's lease end is the server's time plus the ttl.
+    t = TableNames("csl")
+    row = admin_sql(store.url, f"SELECT expires_us FROM {t.locks} WHERE lock_key = %s",  # type: ignore[attr-defined]
+                    (key,))
+    now_sql = ("SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint"
+               if store.url.startswith("postgres")  # type: ignore[attr-defined]
+               else "SELECT CAST(UNIX_TIMESTAMP(UTC_TIMESTAMP(6)) * 1000000 AS SIGNED)")
+    if not store.url.startswith("postgres"):  # type: ignore[attr-defined]
+        now_sql = "SELECT CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)"
+    server_now = admin_sql(store.url, now_sql)[0][0]  # type: ignore[attr-defined]
+    assert 3_000_000 < row[0][0] - server_now <= 5_000_000
+
+
+def test_extend_many_renews_only_what_its_tokens_hold(store: LockBackend, key: str) -> None:
+    other = key + "-2"
+    assert store.acquire(key, "a", 1.0).acquired
+    assert store.acquire(other, "b", 1.0).acquired
+    result = store.extend_many([Renewal(key, "a", 8000), Renewal(other, "wrong", 8000),
+                                Renewal(key + "-gone", "a", 8000)])
+    assert result == [True, False, False]
+    assert store.lock_info(key).ttl_s > 6.0  # type: ignore[union-attr]
+    assert store.lock_info(other).ttl_s < 1.0  # type: ignore[union-attr]
+    store.extend_many([Renewal(key, "a", 8000)], count_renewal=False)
+    assert store.lock_info(key).renewals == 1  # type: ignore[union-attr]
+    assert store.extend(key, "a", 9.0) is True
+    # Many at once: one statement per batch.
+    keys = [f"{key}-many{i}" for i in range(50)]
+    for k in keys:
+        assert store.acquire(k, "m", 2.0).acquired
+    assert store.extend_many([Renewal(k, "m", 9000) for k in keys]) == [True] * 50
+
+
+def test_another_connection_with_the_token_renews_and_releases(db_url: str,
+                                                               key: str) -> None:
+    taker, adopter = _open(db_url), _open(db_url)
+    try:
+        got = taker.acquire(key, "child-token", 2.0, [("owner", "t1")])
+        assert got.acquired
+        taker.close()
+        assert adopter.extend_many([Renewal(key, "child-token", 9000)]) == [True]
+        assert adopter.release(key, "child-token") is True
+        assert adopter.holder(key) is None
+    finally:
+        adopter.close()
+
+
+def test_handover_keeps_the_fence_and_never_frees_the_lock(store: LockBackend,
+                                                           key: str) -> None:
+    got = store.acquire(key, "enqueue", 5.0, [("owner", "t1"), ("mode", "until_executed")])
+    fence = store.handover(key, "enqueue", "worker", 9.0, [("mode", "execution"),
+                                                          ("hostname", "w1")])
+    assert fence == got.fence
+    assert store.owned(key, "worker") and not store.owned(key, "enqueue")
+    record = store.lock_info(key)
+    assert record is not None and (record.task_id, record.mode, record.hostname) == \
+        ("t1", "execution", "w1")
+    assert record.ttl_s > 7.0
+    assert store.handover(key, "enqueue", "x", 5.0) is None
+
+
+def test_lock_limit_slots_share_the_fence_of_their_lock(store: LockBackend,
+                                                        key: str) -> None:
+    taken = [store.acquire_slot(key, f"t{i}", 5.0, 3, [("owner", f"o{i}")]) for i in range(3)]
+    assert all(r.acquired for r in taken)
+    assert {r.key for r in taken} == {slot_key(key, i) for i in range(3)}
+    fences = [r.fence for r in taken]
+    assert fences == sorted(fences) and len(set(fences)) == 3
+    full = store.acquire_slot(key, "t3", 5.0, 3, [("owner", "o3")])
+    assert not full.acquired and full.holder in {"o0", "o1", "o2"} and full.holder_pttl_ms > 0
+    # The same token again: its own slot, refreshed.
+    again = store.acquire_slot(key, "t1", 5.0, 3)
+    assert again.acquired and again.key == taken[1].key and again.fence == taken[1].fence
+    # A freed slot is taken again, with a larger token than any slot had.
+    assert store.release(taken[1].key, "t1")
+    got = store.acquire_slot(key, "t4", 5.0, 3)
+    assert got.acquired and got.key == taken[1].key and got.fence > max(fences)
+    # A plain acquisition of the lock key shares the counter.
+    plain = store.acquire(key, "plain", 5.0)
+    assert plain.acquired and plain.fence > got.fence
+    assert store.extend_many([Renewal(got.key, "t4", 5000)]) == [True]
+    assert store.holder(got.key) == ""
+
+
+def test_coalesce_follow_up(store: LockBackend, key: str) -> None:
+    assert store.acquire(key, "h", 5.0, [("owner", "holder")]).acquired
+    assert store.follow(key, "f1", 5.0) is None
+    assert store.follow(key, "f1", 5.0) is None  # refreshed
+    assert store.follow(key, "f2", 5.0) == "f1"
+    store.unfollow(key, "f2")  # not the follow-up: nothing changes
+    assert store.follow(key, "f2", 5.0) == "f1"
+    # The follow-up took the lock: it waits no more, the next duplicate may follow.
+    assert store.release(key, "h")
+    assert store.acquire(key, "f1-token", 5.0, [("owner", "f1")]).acquired
+    assert store.follow(key, "f2", 5.0) is None
+    store.unfollow(key, "f2")
+    assert store.follow(key, "f3", 0.2) is None
+    wait_until(lambda: store.follow(key, "f4", 5.0) is None, 5, message="follow-up lapse")
+
+
+def test_beat_claims_are_checked_against_the_leader_lock(store: LockBackend,
+                                                         key: str) -> None:
+    leader = key + ":beat"
+    state = key + ":beat:state"
+    assert store.acquire(leader, "L1", 0.5).acquired
+    assert store.claim_run(leader, "L2", state, "nightly", 0.0, 100.0) == -1
+    assert store.claim_run(leader, "L1", state, "nightly", 0.0, 100.0) == 1
+    assert store.claim_run(leader, "L1", state, "nightly", 0.0, 100.0) == 0
+    assert store.claim_run(leader, "L1", state, "nightly", 100.0, 200.0) == 1
+    assert store.claim_run(leader, "L1", state, "hourly", 0.0, 150.0) == 1
+    assert store.last_runs(state) == {"nightly": 200.0, "hourly": 150.0}
+    wait_until(lambda: store.acquire(leader, "L2", 5.0).acquired, 5, message="failover")
+    assert store.claim_run(leader, "L1", state, "nightly", 200.0, 300.0) == -1
+    # The new leader sees that 200.0 was sent; it sends only the next due time.
+    assert store.claim_run(leader, "L2", state, "nightly", 100.0, 200.0) == 0
+    assert store.claim_run(leader, "L2", state, "nightly", 200.0, 300.0) == 1
+
+
+def test_listing_pages_through_many_locks(store: LockBackend, key: str) -> None:
+    head = key[:-1]
+    n = PAGE_ROWS + 20
+    for i in range(n):
+        assert store.acquire(f"{head}:{i:04d}}}", "tok", 30.0, [("owner", f"o{i}")]).acquired
+    assert store.release(f"{head}:0003}}", "tok")
+    records = store.list_locks("csl", pattern=f"{head}:*")
+    assert len(records) == n - 1
+    assert [r.key for r in records] == sorted(r.key for r in records)
+    assert len(store.list_locks("csl", pattern=f"{head}:*", limit=7)) == 7
+    assert store.lock_keys("csl", pattern=f"{head}:000?}}") == [  # type: ignore[attr-defined]
+        f"{head}:{i:04d}}}" for i in range(10) if i != 3]
+
+
+def test_force_release_compares_the_token_it_read(store: LockBackend, key: str) -> None:
+    assert store.acquire(key, "a", 5.0, [("owner", "t1")]).acquired
+    record = store.lock_info(key)
+    assert record is not None
+    assert store.release(key, "a")
+    assert store.acquire(key, "b", 5.0, [("owner", "t2")]).acquired
+    assert store.force_release(record) == 0  # a new holder since it was read
+    assert store.force_release(store.lock_info(key)) == 1  # type: ignore[arg-type]
+    assert store.holder(key) is None
+
+
+def test_sweep_removes_dead_rows_only(db_url: str, key: str) -> None:
+    store = _open(db_url, fence_ttl_ms=1)
+    t = TableNames("csl")
+    try:
+        for i in range(5):
+            assert store.acquire(f"{key}-dead{i}", "x", 5.0).acquired
+            assert store.release(f"{key}-dead{i}", "x")
+        assert store.acquire(f"{key}-held", "x", 30.0).acquired
+        assert store.follow(f"{key}-held", "f", 0.05) is None
+        wait_until(lambda: (store.sweep("csl", pages=1000), not admin_sql(
+            db_url, f"SELECT 1 FROM {t.locks} WHERE lock_key LIKE %s",
+            (f"{key}-dead%",)))[1], 5, message="dead rows swept")
+        assert store.holder(f"{key}-held") == ""
+        wait_until(lambda: (store.sweep("csl"), not admin_sql(
+            db_url, f"SELECT 1 FROM {t.next} WHERE lock_key = %s", (f"{key}-held",)))[1], 5,
+            message="expired follow-up swept")
+    finally:
+        store.close()
+
+
+def test_each_key_prefix_has_its_own_table(store: LockBackend, db_url: str) -> None:
+    key = f"My-App:job:{{{secrets.token_hex(4)}}}"
+    assert store.acquire(key, "a", 5.0, [("owner", "o")]).acquired
+    names = TableNames("My-App")
+    assert re.fullmatch(r"my_app_[0-9a-f]{8}", names.base)
+    assert admin_sql(db_url, f"SELECT owner FROM {names.locks}") == [("o",)]
+    assert [r.key for r in store.list_locks("My-App")] == [key]
+    assert store.list_locks("csl", pattern=key) == []
+
+
+def test_waiters_are_woken_by_a_release(store: LockBackend, key: str, kind: str) -> None:
+    latencies = []
+    for round_ in range(3):
+        k = f"{key}-{round_}"
+        assert store.acquire(k, "h", 30.0).acquired
+        released_at: list[float] = []
+        woke: list[float] = []
+
+        def tried(k: str = k) -> bool:
+            if store.acquire(k, "w", 5.0).acquired:
+                woke.append(time.monotonic())
+                return True
+            return False
+
+        waiter = threading.Thread(target=lambda k=k, t=tried: store.wait_released(k, 10.0, t))
+        waiter.start()
+        time.sleep(0.3)  # let the waiter reach its wait (no condition to poll from outside)
+        released_at.append(time.monotonic())
+        assert store.release(k, "h")
+        waiter.join(10)
+        assert woke, "the waiter never got the lock"
+        latencies.append(woke[0] - released_at[0])
+    print(f"{kind} wake latencies (s): {[round(x, 4) for x in latencies]}")
+    if kind == "postgres":
+        # LISTEN/NOTIFY: well under the 1 s recheck a lost notification would cost.
+        assert min(latencies) < 0.1 and max(latencies) < 0.5
+    else:
+        # Polling every 50-100 ms.
+        assert max(latencies) < 0.6
+
+
+def test_wait_released_gives_up_after_its_timeout(store: LockBackend, key: str) -> None:
+    assert store.acquire(key, "h", 30.0).acquired
+    tries = []
+    started = time.monotonic()
+    assert store.wait_released(key, 0.4, lambda: tries.append(1) or False) is False
+    assert 0.35 < time.monotonic() - started < 2.0 and tries
+
+
+def test_wait_wakes_when_the_holders_lease_lapses(store: LockBackend, key: str) -> None:
+    assert store.acquire(key, "h", 0.3).acquired
+    started = time.monotonic()
+    assert store.wait_released(key, 5.0, lambda: store.acquire(key, "w", 5.0).acquired)
+    assert time.monotonic() - started < 0.9
+
+
+def test_capabilities(store: LockBackend, kind: str) -> None:
+    caps = store.capabilities
+    for cap in (Capability.TTL, Capability.ADOPTABLE, Capability.LIMIT, Capability.FOLLOW,
+                Capability.HANDOVER, Capability.BEAT, Capability.LIST):
+        assert cap in caps
+    assert Capability.QUORUM_MEMBER not in caps and Capability.SESSION not in caps
+    assert (Capability.NOTIFY in caps) == (kind == "postgres")
+    assert store.ping() == (1, [])
+
+
+# ------------------------------------------------------------------------------------------
+# Faults
+
+
+def test_a_killed_session_is_replaced_on_the_next_call(store: LockBackend, key: str,
+                                                      kind: str) -> None:
+    assert store.acquire(key, "a", 30.0).acquired
+    assert kill_sessions(store.url) >= 1  # type: ignore[attr-defined]
+    wait_until(lambda: not store_sessions(store.url), 5,  # type: ignore[attr-defined]
+               message="sessions gone")
+    # The next call notices the session is gone (PostgreSQL: the idle socket shows it;
+    # MySQL: the call fails on it) and runs on a new connection.
+    assert store.extend(key, "a", 30.0) is True
+    assert kill_sessions(store.url) >= 1  # type: ignore[attr-defined]
+    wait_until(lambda: not store_sessions(store.url), 5,  # type: ignore[attr-defined]
+               message="sessions gone")
+    assert store.holder(key) == ""
+    assert store.extend(key, "a", 30.0) is True
+    assert store.release(key, "a") is True
+    assert not store.acquire(key, "b", 30.0).backend_down
+
+
+def test_an_unreachable_database_is_reported_never_taken_for_an_answer(
+        db_url: str, relay: Relay, key: str) -> None:
+    direct = _open(db_url)
+    relayed = _open(relay.url_for(db_url), socket_timeout=0.2)
+    try:
+        got = relayed.acquire(key, "a", 3.0, [("owner", "t1")])
+        assert got.acquired
+        relay.cut()
+        down = relayed.acquire(key + "-2", "b", 3.0)
+        assert not down.acquired and down.backend_down and down.errors
+        assert relayed.extend_many([Renewal(key, "a", 3000)]) == [None]
+        with pytest.raises(LockBackendError):
+            relayed.release(key, "a")
+        with pytest.raises(LockBackendError):
+            relayed.holder(key)
+        assert relayed.ping()[0] == 0
+        # Nobody else gets the lock while its holder cannot reach the database...
+        assert direct.holder(key) == "t1"
+        assert not direct.acquire(key, "c", 3.0).acquired
+        relay.restore()
+        # ... the holder is back on the next call, and still holds it,
+        assert relayed.extend_many([Renewal(key, "a", 300)]) == [True]
+        # ... and a holder that never comes back loses it when its lease ends.
+        relay.cut()
+        wait_until(lambda: direct.acquire(key, "c", 3.0).acquired, 5, message="lapse")
+        relay.restore()
+        assert relayed.extend_many([Renewal(key, "a", 3000)]) == [False]
+    finally:
+        direct.close()
+        relayed.close()
+
+
+def test_forked_child_never_uses_or_ends_the_parents_session(store: LockBackend,
+                                                             key: str) -> None:
+    assert store.acquire(key, "parent", 30.0).acquired
+    before = set(store_sessions(store.url))  # type: ignore[attr-defined]
+    assert before
+    pid = os.fork()
+    if pid == 0:  # the child: use the store, close it, and go
+        code = 1
+        try:
+            ok = store.extend(key, "parent", 30.0) is True
+            store.close()
+            import gc
+
+            gc.collect()
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert before <= set(store_sessions(store.url))  # type: ignore[attr-defined]
+    assert store.extend(key, "parent", 30.0) is True
+    assert before <= set(store_sessions(store.url))  # type: ignore[attr-defined]
+
+
+def test_threads_share_one_store(store: LockBackend, key: str) -> None:
+    errors: list[BaseException] = []
+    wins: list[str] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(20):
+                k = f"{key}-{i}"
+                if store.acquire(k, f"t{n}", 5.0).acquired:
+                    wins.append(k)
+                    assert store.extend_many([Renewal(k, f"t{n}", 5000)]) == [True]
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert sorted(wins) == sorted(f"{key}-{i}" for i in range(20))  # one winner a key
+
+
+# ------------------------------------------------------------------------------------------
+# Configuration
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@h/db", "mysql://u@h/db"])
+def test_a_list_of_database_urls_is_refused(url: str) -> None:
+    with pytest.raises(LockConfigError, match="quorum over databases is not supported") as e:
+        open_backend([url, url.replace("@h/", "@h2/")], setting="singleton_lock_url")
+    assert e.value.setting == "singleton_lock_url"
+    assert "singleton_lock_url" in str(e.value)
+
+
+@pytest.mark.parametrize("url, why", [
+    ("postgresql://u:s3cret@h:99999/db", "port"),
+    ("postgresql://u:s3cret@h:5432", "names no database"),
+    ("postgresql://u:s3cret@h:5432/db?nonsense_param=1", "cannot parse"),
+    ("mysql://u:s3cret@h:3306", "one database"),
+    ("mysql://u:s3cret@h:notaport/db", "cannot parse"),
+    ("mysql://u:s3cret@h:3306/db?colour=blue", "unknown URL parameter"),
+    ("mariadb://u:s3cret@h1:3306/db,mariadb://u:s3cret@h2:3306/db", "quorum"),
+])
+def test_bad_urls_name_the_setting_and_hide_the_password(url: str, why: str) -> None:
+    with pytest.raises(LockConfigError) as e:
+        open_backend(url, setting="CELERY_SINGLETON_LOCK_URL")
+    assert why in str(e.value) and "CELERY_SINGLETON_LOCK_URL" in str(e.value)
+    assert e.value.setting == "CELERY_SINGLETON_LOCK_URL"
+    assert "s3cret" not in str(e.value)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
+def test_passwords_never_appear_in_description_or_errors(scheme: str) -> None:
+    port = free_port()  # nothing listens there
+    store = open_backend(f"{scheme}://user:s3cret@127.0.0.1:{port}/db", socket_timeout=0.2)
+    try:
+        assert "s3cret" not in store.description and "***" in store.description
+        assert "s3cret" not in repr(store)
+        down = store.acquire("csl:x", "t", 1.0)
+        assert down.backend_down and down.errors
+        assert not any("s3cret" in e for e in down.errors)
+        with pytest.raises(LockBackendError) as e:
+            store.release("csl:x", "t")
+        assert "s3cret" not in str(e.value)
+        n, why = store.ping()
+        assert n == 0 and not any("s3cret" in w for w in why)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("scheme, module, extra", [
+    ("postgresql", "psycopg", "postgres"), ("mysql", "pymysql", "mysql")])
+def test_a_missing_driver_names_the_extra(scheme: str, module: str, extra: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(LockConfigError, match=re.escape(f"celery-singleton-lock[{extra}]")):
+        open_backend(f"{scheme}://u@h/db", setting="singleton_lock_url")
+
+
+def test_a_postgres_host_list_is_one_store(_store_postgres: str) -> None:
+    db_url = _store_postgres
+    parts = urlsplit(db_url)
+    dead = free_port()
+    url = urlunsplit(parts._replace(
+        netloc=f"{parts.username}@127.0.0.1:{dead},{parts.hostname}:{parts.port}"))
+    store = open_backend(url)
+    try:
+        assert store.ping() == (1, [])
+    finally:
+        store.close()
+
+
+def test_readme_gives_the_tables_ddl() -> None:
+    from celery_singleton_lock.backends import mysql, postgres
+
+    text = README.read_text()
+    for statement in postgres.ddl(TableNames("csl")) + mysql.ddl(TableNames("csl")):
+        assert statement in text, statement.splitlines()[0]
+
+
+def _unused(_: Callable[..., Any]) -> None:  # keep linters quiet about typing imports
+    pass
