@@ -591,9 +591,17 @@ def test_real_workers_never_run_two_bodies_of_one_signature_at_once(
     try:
         for worker in workers:
             worker.start()
-        slot, hold_s, sent = f"slot-{uuid.uuid4().hex}", 0.05, 100
+        slot, hold_s, sent = f"slot-{uuid.uuid4().hex}", 0.3, 100
+        key = store_dedup.guarded.lock_key_for(slot, hold_s)
         results = [store_dedup.guarded.delay(slot, hold_s) for _ in range(sent)]
         ids = [r.id for r in results]
+        # The lock is in this store (not, say, in the broker's Redis): its holder is one of them.
+        deadline, holder = time.monotonic() + 30, None
+        while holder is None and time.monotonic() < deadline:
+            holder = store.holder(key)
+            if holder is None:
+                time.sleep(0.01)
+        assert holder in set(ids), holder
         states: list[str] = []
 
         def all_ready() -> bool:
@@ -611,7 +619,6 @@ def test_real_workers_never_run_two_bodies_of_one_signature_at_once(
         assert ran + rejected == sent, {s: states.count(s) for s in set(states)}
         assert ran >= 1 and rejected >= 1
         assert records.llen(f"{slot}:runs") == ran
-        key = store_dedup.guarded.lock_key_for(slot, hold_s)
         succeeded = {i for i, s in zip(ids, states, strict=True) if s == "SUCCESS"}
         for result, state in zip(results, states, strict=True):
             if state == "REVOKED":
