@@ -108,3 +108,29 @@ def _store_postgres() -> Iterator[str]:
 def _store_mysql() -> Iterator[str]:
     with mysql_database() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def _store_mysql_password(_store_mysql: str) -> Iterator[str]:
+    """The session's MySQL database through a user of its own with a password (dropped at
+    the end). PostgreSQL has none: the machine's server trusts every local connection, so a
+    wrong password could not be refused."""
+    parts = urlsplit(_store_mysql)
+    database = parts.path.lstrip("/")
+    user, password = "csl_" + secrets.token_hex(4), "Pw-" + secrets.token_hex(8)
+    admin = _mysql_admin(MYSQL_SERVER)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (user, password))
+            cur.execute(f"GRANT ALL PRIVILEGES ON `{database}`.* TO %s@'%%'", (user,))
+    finally:
+        admin.close()
+    try:
+        yield f"mysql://{user}:{password}@{parts.hostname}:{parts.port or 3306}/{database}"
+    finally:
+        admin = _mysql_admin(MYSQL_SERVER)
+        try:
+            with admin.cursor() as cur:
+                cur.execute("DROP USER IF EXISTS %s@'%%'", (user,))
+        finally:
+            admin.close()

@@ -701,8 +701,9 @@ class SQLBackend(LockBackend):
     def _pages(self, prefix: str, pattern: str | None, limit: int | None,
                ) -> Iterator[tuple[str, LockView]]:
         t = table_names(prefix, is_prefix=True)
-        low = prefix
-        high = _after_prefix(prefix)
+        # The keys "<prefix>:...", as SCAN MATCH "<prefix>:*" reads them.
+        low = prefix if prefix.endswith(":") else prefix + ":"
+        high = _after_prefix(low)
         after: str | None = None
         seen = 0
         match = glob_matcher(pattern)
@@ -799,8 +800,9 @@ class SQLBackend(LockBackend):
     def unwatch(self, key: str, event: threading.Event) -> None:
         """Stop :meth:`watch`."""
 
-    #: Bounds of one poll interval where there is no notification (seconds, jittered).
-    poll_interval_s: ClassVar[tuple[float, float]] = (0.05, 0.1)
+    #: Longest interval between two polls where there is no notification (seconds); each
+    #: interval is drawn between half of it and all of it (jitter).
+    poll_interval_s: ClassVar[float] = 0.1
 
     def sleep_until_released(self, key: str, watch: threading.Event | None,
                              remaining: float) -> None:
@@ -812,7 +814,7 @@ class SQLBackend(LockBackend):
             left = until - self.clock()
             if left <= 0:
                 return
-            time.sleep(min(left, random.uniform(*self.poll_interval_s)))
+            time.sleep(min(left, random.uniform(self.poll_interval_s / 2, self.poll_interval_s)))
             try:
                 if not self.run(t, lambda c: self.op_held(c, t, key)):
                     return
