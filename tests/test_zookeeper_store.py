@@ -14,7 +14,6 @@ two-core machine) unless the test is about timeouts.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
