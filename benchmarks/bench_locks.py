@@ -53,6 +53,11 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+#: Set by ``--baseline`` for the subprocess that runs the baseline's contenders: the checkout
+#: whose ``celery_singleton_lock`` that process imports, ahead of every other path.
+ENV_PACKAGE = "CSL_BENCH_PACKAGE"
+if os.environ.get(ENV_PACKAGE):
+    sys.path.insert(0, os.environ[ENV_PACKAGE])
 
 import redis  # noqa: E402  (after the sys.path insert, for tests.servers)
 
@@ -74,7 +79,7 @@ return 0
 """
 
 #: Targets from the issue, printed for context only (never asserted).
-TARGET_OURS_1_VS_FLOOR = 1.15
+TARGET_OURS_1_VS_FLOOR = 1.0
 TARGET_OURS_5_VS_POTTERY_5 = 5.0
 TARGET_OURS_5_VS_FLOOR = 2.5
 
@@ -173,6 +178,10 @@ class Cycle:
 
     run: Callable[[], None]
     close: Callable[[], None] = lambda: None
+    #: ``timed(n)``: ``(wall, cpu)`` seconds taken by ``n`` cycles, when they run elsewhere (a
+    #: baseline's contender in its own process times its cycles there); ``None``: run ``run``
+    #: here.
+    timed: Callable[[int], tuple[float, float]] | None = None
 
 
 @dataclass
@@ -320,6 +329,131 @@ CONTENDERS: list[Contender] = [
 
 
 # --------------------------------------------------------------------------------------------
+# Another checkout's contenders (--baseline), in a process of their own
+
+
+#: This package's contenders that ``--baseline`` (and ``--control``) repeat from another
+#: process, each right after its own row.
+REPEATED = ("ours-1", "ours-with-1", "ours-3", "ours-5")
+#: Name suffixes of those copies: from the ``--baseline`` checkout, and from this one
+#: (``--control``).
+BASELINE, CONTROL = "@baseline", "@subprocess"
+
+
+class Remote:
+    """One ``bench_locks.py --serve`` process, importing ``celery_singleton_lock`` from
+    ``package_path`` ahead of everything else on ``sys.path``.
+
+    It sets contenders up and times their cycles when asked, with the same
+    :func:`_timed_s` loop as this process: one JSON line per request on its stdin, one per
+    reply on its stdout. While it runs a slice this process only waits for the reply, and the
+    time comes from the child's own ``perf_counter``, so the pipe is not in it.
+    """
+
+    def __init__(self, package_path: str) -> None:
+        env = dict(os.environ, **{ENV_PACKAGE: package_path})
+        self._proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
+        )  # fmt: skip
+        hello = self._ask({"op": "hello"})
+        #: Where the child's ``celery_singleton_lock`` came from (shown in the table's header).
+        self.package_file: str = hello["file"]
+
+    def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        proc = self._proc
+        if proc.stdin is None or proc.stdout is None or proc.poll() is not None:
+            raise RuntimeError("the contenders' subprocess is gone")
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the contenders' subprocess exited")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise (Unavailable if reply.get("unavailable") else RuntimeError)(reply["error"])
+        return reply
+
+    def make(self, contender: str, name: str) -> Callable[[Sequence[str], str, float], Cycle]:
+        """A ``make`` for :class:`Contender` that sets ``contender`` up in the child."""
+
+        def make(urls: Sequence[str], key: str, ttl_s: float) -> Cycle:
+            self._ask({"op": "make", "name": name, "contender": contender, "urls": list(urls),
+                       "key": key, "ttl": ttl_s})
+
+            def run() -> None:  # never called: timed() runs the cycles in the child
+                raise CycleFailed("this contender's cycles run in its own process")
+
+            def timed(n: int) -> tuple[float, float]:
+                reply = self._ask({"op": "run", "name": name, "n": n})
+                return float(reply["s"]), float(reply["cpu_s"])
+
+            def close() -> None:
+                self._ask({"op": "close", "name": name})
+
+            return Cycle(run, close, timed)
+
+        return make
+
+    def close(self) -> None:
+        proc = self._proc
+        with contextlib.suppress(Exception):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def serve() -> int:
+    """The child of :class:`Remote`: answer its requests until stdin closes."""
+    replies = sys.stdout
+    sys.stdout = sys.stderr  # stdout carries the replies only
+    makers = {c.name: c.make for c in CONTENDERS}
+    cycles: dict[str, Cycle] = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply: dict[str, Any] = {}
+        try:
+            op = request["op"]
+            if op == "hello":
+                reply["file"] = importlib.import_module("celery_singleton_lock").__file__
+            elif op == "make":
+                cycles[request["name"]] = makers[request["contender"]](
+                    request["urls"], request["key"], request["ttl"]
+                )
+            elif op == "run":
+                gc.collect()  # as the parent does before each slice
+                reply["s"], reply["cpu_s"] = _timed_s(cycles[request["name"]], int(request["n"]))
+            elif op == "close":
+                cycles.pop(request["name"]).close()
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except Unavailable as exc:
+            reply = {"error": str(exc), "unavailable": True}
+        except Exception as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+    for cycle in cycles.values():
+        with contextlib.suppress(Exception):
+            cycle.close()
+    return 0
+
+
+def _commit(path: str | Path) -> str | None:
+    """The short commit of a git checkout at ``path`` (None if it is not one)."""
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+# --------------------------------------------------------------------------------------------
 # Measuring
 
 
@@ -331,19 +465,33 @@ class Result:
     error: str | None = None
     #: Microseconds per cycle, one value per round.
     rounds_us: list[float] = field(default_factory=list)
+    #: CPU microseconds per cycle of the thread that ran the cycles, one value per round.
+    rounds_cpu_us: list[float] = field(default_factory=list)
 
     @property
     def us(self) -> float | None:
         return statistics.median(self.rounds_us) if self.rounds_us and not self.error else None
 
+    @property
+    def cpu_us(self) -> float | None:
+        if not self.rounds_cpu_us or self.error:
+            return None
+        return statistics.median(self.rounds_cpu_us)
 
-def _timed_s(cycle: Cycle, n: int) -> float:
-    """Seconds taken by ``n`` cycles."""
+
+def _timed_s(cycle: Cycle, n: int) -> tuple[float, float]:
+    """Seconds taken by ``n`` cycles: wall time, and CPU time of the thread running them
+    (:func:`time.thread_time`: the client's own work, user and kernel, without the waits for
+    the servers and without other threads, such as the renewal thread)."""
+    if cycle.timed is not None:
+        return cycle.timed(n)
     run = cycle.run
+    cpu = time.thread_time()
     start = time.perf_counter()
     for _ in range(n):
         run()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return wall, time.thread_time() - cpu
 
 
 def _say(message: str) -> None:
@@ -373,6 +521,7 @@ def measure(results: list[Result], *, cycles: int, rounds: int, warmup: int, sli
     turn = 0
     for round_no in range(rounds):
         spent = {id(r): 0.0 for r in results}
+        spent_cpu = {id(r): 0.0 for r in results}
         for n in _split(cycles, slices):
             live = [r for r in results if r.cycle is not None and r.error is None]
             if not live:
@@ -382,15 +531,20 @@ def measure(results: list[Result], *, cycles: int, rounds: int, warmup: int, sli
             gc.collect()
             for res in live[shift:] + live[:shift]:
                 try:
-                    spent[id(res)] += _timed_s(res.cycle, n)  # type: ignore[arg-type]
+                    wall, cpu = _timed_s(res.cycle, n)  # type: ignore[arg-type]
+                    spent[id(res)] += wall
+                    spent_cpu[id(res)] += cpu
                 except Exception as exc:
                     res.error = f"round {round_no + 1} failed: {type(exc).__name__}: {exc}"
                     _say(f"  round {round_no + 1}  {res.contender.name:<18} n/a ({res.error})")
         for res in results:
             if res.cycle is not None and res.error is None:
                 us = spent[id(res)] / cycles * 1e6
+                cpu_us = spent_cpu[id(res)] / cycles * 1e6
                 res.rounds_us.append(us)
-                _say(f"  round {round_no + 1}  {res.contender.name:<18} {us:9.1f} us/cycle")
+                res.rounds_cpu_us.append(cpu_us)
+                _say(f"  round {round_no + 1}  {res.contender.name:<18} {us:9.1f} us/cycle "
+                     f"({cpu_us:6.1f} us CPU)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,31 +572,61 @@ def summary(results: list[Result]) -> dict[str, float | None]:
 
     floor = us("raw-floor")
     ours_5, pottery_5 = us("ours-5"), us("pottery-5")
-    return {
+    ratios: dict[str, float | None] = {
         "ours_1_vs_floor": _ratio(us("ours-1"), floor),
         # cycles/s ratio = inverse ratio of us/cycle
         "ours_5_vs_pottery_5_cycles_per_s": _ratio(pottery_5, ours_5),
         "ours_5_vs_floor": _ratio(ours_5, floor),
     }
+    for suffix in (BASELINE, CONTROL):
+        if not any(name.endswith(suffix) for name in by):
+            continue
+        tag = suffix.lstrip("@")
+        ratios[f"{tag}_ours_1_vs_floor"] = _ratio(us(f"ours-1{suffix}"), floor)
+        ratios[f"{tag}_ours_5_vs_pottery_5_cycles_per_s"] = _ratio(
+            pottery_5, us(f"ours-5{suffix}")
+        )
+        ratios[f"{tag}_ours_5_vs_floor"] = _ratio(us(f"ours-5{suffix}"), floor)
+        for name in REPEATED:
+            paired = _paired(by.get(name), by.get(f"{name}{suffix}"))
+            ratios[f"{name.replace('-', '_')}_vs_{tag}"] = (
+                statistics.median(paired) if paired else None
+            )
+    return ratios
+
+
+def _paired(mine: Result | None, theirs: Result | None, cpu: bool = False) -> list[float]:
+    """Round by round, ``mine``'s time per cycle over ``theirs``' (their rounds share a stretch
+    of time, slice by slice); with ``cpu``, the client's CPU time per cycle."""
+    if mine is None or theirs is None or mine.us is None or theirs.us is None:
+        return []
+    if cpu:
+        return [a / b for a, b in zip(mine.rounds_cpu_us, theirs.rounds_cpu_us, strict=False)
+                if b]
+    return [a / b for a, b in zip(mine.rounds_us, theirs.rounds_us, strict=False)]
 
 
 def markdown(results: list[Result], ratios: dict[str, float | None]) -> str:
     floor = _by_name(results).get("raw-floor")
     floor_us = floor.us if floor else None
     lines = [
-        "| contender | masters | us/cycle | cycles/s | x floor | rounds (us/cycle) |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| contender | masters | us/cycle | cycles/s | x floor | x floor, median of rounds "
+        "| client CPU us/cycle | rounds (us/cycle) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for res in results:
         c = res.contender
         if res.us is None:
             reason = (res.error or "not measured").replace("|", "/").replace("\n", " ")
-            lines.append(f"| {c.label} | {c.masters} | n/a | n/a | n/a | {reason} |")
+            lines.append(f"| {c.label} | {c.masters} | n/a | n/a | n/a | n/a | n/a | {reason} |")
             continue
         rounds = ", ".join(f"{u:.0f}" for u in res.rounds_us)
+        paired = _paired(res, floor)
         lines.append(
             f"| {c.label} | {c.masters} | {res.us:.1f} | {1e6 / res.us:,.0f} | "
-            f"{_fmt(_ratio(res.us, floor_us), '.2f', 'x')} | {rounds} |"
+            f"{_fmt(_ratio(res.us, floor_us), '.2f', 'x')} | "
+            f"{_fmt(statistics.median(paired) if paired else None, '.2f', 'x')} | "
+            f"{_fmt(res.cpu_us, '.1f')} | {rounds} |"
         )
     lines += [
         "",
@@ -456,6 +640,31 @@ def markdown(results: list[Result], ratios: dict[str, float | None]) -> str:
         f"**{_fmt(ratios['ours_5_vs_floor'], '.2f', 'x')}** "
         f"(issue target: at most {TARGET_OURS_5_VS_FLOOR}x)",
     ]
+    by = _by_name(results)
+    for suffix, what in ((BASELINE, "baseline"), (CONTROL, "this checkout in a subprocess")):
+        tag = suffix.lstrip("@")
+        if f"{tag}_ours_1_vs_floor" not in ratios:
+            continue
+        lines += [
+            f"- {what}: single master / raw floor "
+            f"**{_fmt(ratios[f'{tag}_ours_1_vs_floor'], '.2f', 'x')}**, 5 masters / raw floor "
+            f"**{_fmt(ratios[f'{tag}_ours_5_vs_floor'], '.2f', 'x')}**, 5 masters vs pottery "
+            f"5 masters (cycles/s) "
+            f"**{_fmt(ratios[f'{tag}_ours_5_vs_pottery_5_cycles_per_s'], '.1f', 'x')}**",
+        ]
+        for name in REPEATED:
+            paired = _paired(by.get(name), by.get(f"{name}{suffix}"))
+            paired_cpu = _paired(by.get(name), by.get(f"{name}{suffix}"), cpu=True)
+            if paired:
+                lines.append(
+                    f"  - `{name}` / `{name}{suffix}`, round by round, us/cycle: "
+                    + ", ".join(f"{x:.2f}" for x in paired)
+                    + f" (median **{statistics.median(paired):.2f}**); client CPU/cycle: "
+                    + ", ".join(f"{x:.2f}" for x in paired_cpu)
+                    + (f" (median **{statistics.median(paired_cpu):.2f}**)" if paired_cpu
+                       else "")
+                )
+        lines.append("  (below 1: this checkout takes less)")
     return "\n".join(lines)
 
 
@@ -540,7 +749,25 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "kept for the ratios): " + ", ".join(c.name for c in CONTENDERS),
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="also run " + ", ".join(REPEATED) + " from the checkout at PATH (a directory "
+        "holding a celery_singleton_lock package), in a subprocess that imports it first, "
+        "taking turns slice by slice with everything else",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also run those contenders from this checkout in a subprocess of the same kind, "
+        "to show that running in a subprocess does not move the numbers",
+    )
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve:
+        return args
+    if args.baseline and not (Path(args.baseline) / "celery_singleton_lock").is_dir():
+        parser.error(f"--baseline {args.baseline}: no celery_singleton_lock package there")
     if min(args.cycles, args.rounds, args.slices) < 1 or args.warmup < 0 or args.ttl <= 0:
         parser.error("--cycles, --rounds and --slices must be >= 1, --warmup >= 0, --ttl > 0")
     return args
@@ -557,19 +784,45 @@ def _selected(only: str) -> list[Contender]:
     return [c for c in CONTENDERS if c.name in names]
 
 
+def _with_repeats(contenders: list[Contender], remotes: dict[str, Remote]) -> list[Contender]:
+    """``contenders``, each of :data:`REPEATED` followed by its copy in every subprocess."""
+    out: list[Contender] = []
+    for c in contenders:
+        out.append(c)
+        if c.name not in REPEATED:
+            continue
+        for suffix, remote in remotes.items():
+            name = f"{c.name}{suffix}"
+            what = "baseline" if suffix == BASELINE else "this checkout, subprocess"
+            out.append(Contender(name, f"{c.label} ({what})", c.masters,
+                                 remote.make(c.name, name)))
+    return out
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally that stops the servers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    if args.serve:
+        return serve()
     contenders = _selected(args.only)
     signal.signal(signal.SIGTERM, _on_sigterm)
     factory, binary = _server_factory()
     n_servers = max(c.masters for c in contenders)
     servers: list[Any] = []
-    results = [Result(c) for c in contenders]
+    remotes: dict[str, Remote] = {}
+    results: list[Result] = []
     try:
+        if args.baseline:
+            remotes[BASELINE] = Remote(str(Path(args.baseline).resolve()))
+        if args.control:
+            remotes[CONTROL] = Remote(str(REPO_ROOT))
+        for suffix, remote in remotes.items():
+            _say(f"contenders{suffix}: celery_singleton_lock from {remote.package_file}")
+        contenders = _with_repeats(contenders, remotes)
+        results = [Result(c) for c in contenders]
         _say(f"starting {n_servers} redis-server processes ({binary})")
         try:
             for _ in range(n_servers):
@@ -601,13 +854,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         ratios = summary(results)
         env = environment(binary, server_version, args)
+        env["package"] = {"path": str(REPO_ROOT), "commit": _commit(REPO_ROOT)}
+        if BASELINE in remotes:
+            env["baseline"] = {"path": str(Path(args.baseline).resolve()),
+                               "commit": _commit(args.baseline),
+                               "imported": remotes[BASELINE].package_file}
         load = env["load_average_1m_at_end"]
+        trees = f"; this checkout at {env['package']['commit'] or REPO_ROOT}"
+        if "baseline" in env:
+            trees += f", baseline from {env['baseline']['imported']}"
         print(
             f"{args.cycles} cycles x {args.rounds} rounds (median), ttl {args.ttl:g} s; "
             f"redis-server {server_version}, Python {env['python']}, "
             f"redis-py {env['versions']['redis']} (hiredis: {'yes' if env['hiredis'] else 'no'}), "
             f"{env['cpus']} CPUs, 1-min load average {'n/a' if load is None else load} "
-            "(this run included)\n"
+            f"(this run included){trees}\n"
         )
         print(markdown(results, ratios))
         if args.json:
@@ -619,6 +880,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if res.cycle is not None:
                 with contextlib.suppress(Exception):
                     res.cycle.close()
+        for remote in remotes.values():
+            remote.close()
         for server in servers:
             with contextlib.suppress(Exception):
                 server.close()
@@ -640,6 +903,8 @@ def _as_json(
                 "cycles_per_s": 1e6 / r.us if r.us else None,
                 "ratio_to_floor": _ratio(r.us, floor_us),
                 "rounds_us_per_cycle": r.rounds_us,
+                "client_cpu_us_per_cycle": r.cpu_us,
+                "rounds_client_cpu_us_per_cycle": r.rounds_cpu_us,
                 "error": r.error,
             }
             for r in results

@@ -79,13 +79,23 @@ REPO_ROOT = HERE.parent
 for _path in (str(REPO_ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+#: Set for the ``--baseline`` worker: the checkout whose ``celery_singleton_lock`` it imports,
+#: ahead of every other path (this one included).
+ENV_PACKAGE = "CSL_BENCH_PACKAGE"
+if os.environ.get(ENV_PACKAGE):
+    sys.path.insert(0, os.environ[ENV_PACKAGE])
 
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
 
+import celery_singleton_lock  # noqa: E402
 from celery_singleton_lock import LockedTask  # noqa: E402
-from celery_singleton_lock.backends.base import FENCE_TTL_MS  # noqa: E402
-from celery_singleton_lock.backends.redis.wire import SCRIPTS  # noqa: E402
+
+try:
+    from celery_singleton_lock.backends.base import FENCE_TTL_MS
+    from celery_singleton_lock.backends.redis.wire import SCRIPTS
+except ImportError:  # a checkout from before the lock-store interface (a --baseline worker)
+    from celery_singleton_lock.store import FENCE_TTL_MS, SCRIPTS  # type: ignore[no-redef]
 
 #: Environment the worker reads its URLs from (set by this script).
 ENV_BROKER, ENV_BACKEND, ENV_LOCKS = "CSL_BENCH_BROKER", "CSL_BENCH_BACKEND", "CSL_BENCH_LOCKS"
@@ -104,6 +114,8 @@ PEERS_MEASURED_ELSEWHERE = {"celery-singleton": 0.74, "celery-once": 0.75}
 #: Lua scripts sent the same way.
 FLOOR, FLOOR_PACKED = "floor: SET NX + compare-and-delete", "floor: packed value + INCR"
 FLOOR_SCRIPTS = "floor: our scripts"
+#: ``LockedTask`` run by a second worker that imports the package from ``--baseline``.
+BASELINE = "LockedTask (baseline)"
 #: Commands of the measuring script itself, left out of the lock command counts.
 _OWN_COMMANDS = {"info", "config", "flushall", "flushdb", "ping", "client", "hello"}
 
@@ -156,6 +168,13 @@ def contender(label: str | None, name: str, base: type | None = None,
 
 contender("plain Task", "bench.plain")
 contender("LockedTask", "bench.locked", LockedTask)
+
+
+@app.task(name="bench.whoami")
+def whoami() -> dict[str, Any]:
+    """Where the pool child that runs this imported ``celery_singleton_lock`` from."""
+    return {"file": celery_singleton_lock.__file__, "pid": os.getpid()}
+
 contender(None, "bench.locked_until_executed", LockedTask, lock_mode="until_executed")
 
 
@@ -325,7 +344,7 @@ except Exception as exc:  # the table shows why
 
 #: Table order.
 ORDER = ("plain Task", "celery-singleton", "celery-once", FLOOR, FLOOR_PACKED, FLOOR_SCRIPTS,
-         "LockedTask")
+         "LockedTask", BASELINE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +380,52 @@ def configure(broker_url: str, backend_url: str, lock_url: str) -> None:
                           "settings": {"url": lock_url, "default_timeout": 3600}})
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """``(ppid, CPU seconds)`` of ``pid`` from ``/proc/<pid>/stat``: utime + stime of all its
+    threads, plus cutime + cstime, the CPU of children it has reaped (a pool child that exits
+    in a round still counts), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2:].split()  # after "pid (comm) ": state is field 3
+    ppid = int(fields[1])
+    ticks = sum(int(x) for x in fields[11:15])  # fields 14-17: utime stime cutime cstime
+    return ppid, ticks / _CLK_TCK
+
+
+def tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds of ``root`` and every process below it, by pid (Linux ``/proc``)."""
+    parents: dict[int, int] = {}
+    seconds: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            got = _stat(int(entry.name))
+            if got is not None:
+                parents[int(entry.name)], seconds[int(entry.name)] = got
+    if root not in seconds:
+        return {}
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return {pid: seconds[pid] for pid in tree}
+
+
+def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the tree spent between two :func:`tree_cpu` readings. A process that
+    appeared in between counts in full; one that exited and was reaped by the worker's main
+    process is in the main's cutime + cstime, so its earlier reading is taken off."""
+    return sum(after.values()) - sum(before.values())
+
+
 try:  # looked up here, not in the forked child
     _prctl: Any = ctypes.CDLL(None).prctl
 except (OSError, AttributeError):  # not Linux
@@ -374,23 +439,38 @@ def _die_with_parent() -> None:  # runs in the forked child, before exec
 
 
 class Worker:
-    """``celery -A bench_tasks worker -P prefork -c N`` in its own process group."""
+    """``celery -A bench_tasks worker -P prefork -c N`` in its own process group.
 
-    def __init__(self, concurrency: int, app_module: str = "bench_tasks") -> None:
-        self.hostname = f"bench-{os.getpid()}@localhost"
+    With ``package``, the worker (its main process and its pool children) imports
+    ``celery_singleton_lock`` from that directory: it comes first on its ``PYTHONPATH``, and
+    this module puts it first on ``sys.path`` again (:data:`ENV_PACKAGE`). Each worker idles
+    on a queue of its own, so :meth:`whoami` reaches the one asked.
+    """
+
+    def __init__(self, concurrency: int, app_module: str = "bench_tasks", *,
+                 role: str = "", package: str | None = None) -> None:
+        tag = f"{role}-" if role else ""
+        self.hostname = f"bench-{tag}{os.getpid()}@localhost"
+        self.idle_queue = f"{IDLE_QUEUE}-{role}" if role else IDLE_QUEUE
         self.concurrency = concurrency
         self.app_module = app_module
+        self.package = package
         self._dir = tempfile.mkdtemp(prefix="csl-bench-worker-")
         self.log_path = Path(self._dir) / "worker.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> Worker:
         env = dict(os.environ)
+        first = [self.package] if self.package else []
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(HERE), str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            first + [str(HERE), str(REPO_ROOT)]
+            + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
+        env.pop(ENV_PACKAGE, None)
+        if self.package:
+            env[ENV_PACKAGE] = self.package
         argv = [sys.executable, "-m", "celery", "-A", self.app_module, "worker", "-P", "prefork",
-                "-c", str(self.concurrency), "-n", self.hostname, "-Q", IDLE_QUEUE,
+                "-c", str(self.concurrency), "-n", self.hostname, "-Q", self.idle_queue,
                 "--loglevel=WARNING", "--without-gossip", "--without-mingle",
                 "--without-heartbeat"]
         with open(self.log_path, "ab") as log:
@@ -402,6 +482,17 @@ class Worker:
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start:\n{self.log_tail()}")
         return self
+
+    def whoami(self, timeout_s: float = 60.0) -> str:
+        """The ``celery_singleton_lock`` file a pool child of this worker imported."""
+        reply = whoami.apply_async(queue=self.idle_queue).get(timeout=timeout_s)
+        return str(reply["file"])
+
+    def cpu_s(self) -> dict[int, float]:
+        """CPU seconds used so far by each process of the worker's tree (see :func:`tree_cpu`)."""
+        if self._proc is None:
+            return {}
+        return tree_cpu(self._proc.pid)
 
     def consume(self, queue: str) -> None:
         if not app.control.add_consumer(queue, destination=[self.hostname], reply=True,
@@ -519,6 +610,9 @@ class Round:
     #: (commands run inside Lua scripts included).
     publish_stats: dict[str, int]
     worker_stats: dict[str, int]
+    #: CPU time per task, in microseconds, of the worker's whole process tree (main process
+    #: and pool children) while it drained the queue.
+    cpu_us: float = 0.0
 
 
 @dataclass
@@ -527,6 +621,8 @@ class Result:
     rounds: list[Round] = field(default_factory=list)
     #: End-to-end tasks per second (publish while the worker consumes), one per round.
     e2e: list[float] = field(default_factory=list)
+    #: CPU microseconds per task of the worker's process tree in those end-to-end passes.
+    e2e_cpu_us: list[float] = field(default_factory=list)
     #: Round trips to the lock server per phase, from the MONITOR counting pass.
     trips: dict[str, dict[str, int]] = field(default_factory=dict)
     trips_tasks: int = 0
@@ -542,19 +638,27 @@ class Result:
 class Bench:
     """Publishes, drains and measures batches of one contender's task through the worker."""
 
-    def __init__(self, worker: Worker, backend: redis.Redis, locks: redis.Redis) -> None:
+    def __init__(self, worker: Worker, backend: redis.Redis, locks: redis.Redis,
+                 workers: dict[str, Worker] | None = None) -> None:
+        #: The worker of every contender not in ``workers`` (contender name -> its worker).
         self.worker = worker
+        self.workers = workers or {}
         self.backend = backend
         self.locks = locks
         self._next_arg = 0
+
+    def worker_for(self, name: str) -> Worker:
+        return self.workers.get(name, self.worker)
 
     def _args(self, n: int) -> range:
         start = self._next_arg
         self._next_arg += n
         return range(start, start + n)
 
-    def run(self, task_name: str, n: int, trips: RoundTrips | None = None,
+    def run(self, name: str, n: int, trips: RoundTrips | None = None,
             timeout_s: float = 300.0) -> tuple[Round, dict[str, dict[str, int]]]:
+        """Contender ``name``: publish ``n`` tasks, then let its worker drain them."""
+        task_name, worker = TASKS[name], self.worker_for(name)
         task = app.tasks[task_name]
         self.backend.flushdb()
         self.locks.config_resetstat()
@@ -571,41 +675,50 @@ class Bench:
         publish_stats = command_calls(self.locks)
         counted = {"publish": trips.take()} if trips is not None else {}
         self.locks.config_resetstat()
+        cpu_before = worker.cpu_s()
         started = time.time()
-        self.worker.consume(QUEUE)
+        worker.consume(QUEUE)
         try:
             self._wait_results(task_name, n, timeout_s)
             wall_s = time.time() - started
         finally:
-            self.worker.stop_consuming(QUEUE)
+            worker.stop_consuming(QUEUE)
+        cpu_us = cpu_since(cpu_before, worker.cpu_s()) / n * 1e6
         worker_stats = command_calls(self.locks)
         if trips is not None:
             counted["worker"] = trips.take()
-        return Round(self._rate(ids, task_name), wall_s, publish_stats, worker_stats), counted
+        return (Round(self._rate(ids, task_name), wall_s, publish_stats, worker_stats, cpu_us),
+                counted)
 
-    def run_end_to_end(self, task_name: str, n: int, timeout_s: float = 300.0) -> float:
+    def run_end_to_end(self, name: str, n: int, timeout_s: float = 300.0) -> tuple[float, float]:
         """Tasks per second from the first publish to the last stored result.
 
         The worker already consumes the queue (a first task's result proves its consumer polls
         it), and this process publishes the ``n`` tasks one after the other while the worker
         runs them: the peers' publish-time lock and everything the worker does are both in the
         span, as they are for a real producer.
+
+        Returns the rate and the CPU microseconds per task of the worker's process tree over
+        the same span (from just before the first publish to the last result seen).
         """
+        task_name, worker = TASKS[name], self.worker_for(name)
         task = app.tasks[task_name]
         self.backend.flushdb()
-        self.worker.consume(QUEUE)
+        worker.consume(QUEUE)
         try:
             (primer,) = self._args(1)
             task.apply_async((primer,), queue=QUEUE).get(timeout=60)
             self.backend.flushdb()
             ids = []
+            cpu_before = worker.cpu_s()
             started = time.time()
             for i in self._args(n):
                 ids.append(task.apply_async((i,), queue=QUEUE).id)
             self._wait_results(task_name, n, timeout_s)
+            cpu_us = cpu_since(cpu_before, worker.cpu_s()) / n * 1e6
         finally:
-            self.worker.stop_consuming(QUEUE)
-        return n / (max(self._done(ids, task_name)) - started)
+            worker.stop_consuming(QUEUE)
+        return n / (max(self._done(ids, task_name)) - started), cpu_us
 
     def _wait_results(self, task_name: str, n: int, timeout_s: float) -> None:
         """Poll the result backend until ``n`` results are stored (or fail after the timeout)."""
@@ -650,18 +763,20 @@ def measure(bench: Bench, lock_url: str, names: Sequence[str], *, tasks: int, ro
 
     for name in list(live):
         say(f"warm-up: {name}")
-        attempt(name, lambda name=name: bench.run(TASKS[name], warmup) and None)
+        attempt(name, lambda name=name: bench.run(name, warmup) and None)
     for r in range(rounds):
         shift = r % len(live) if live else 0
         for name in live[shift:] + live[:shift]:
 
             def timed(name: str = name, r: int = r) -> None:
-                one, _ = bench.run(TASKS[name], tasks)
-                e2e = bench.run_end_to_end(TASKS[name], tasks)
+                one, _ = bench.run(name, tasks)
+                e2e, e2e_cpu = bench.run_end_to_end(name, tasks)
                 results[name].rounds.append(one)
                 results[name].e2e.append(e2e)
-                say(f"round {r + 1}/{rounds} {name}: worker {one.rate:,.0f} tasks/s, "
-                    f"end to end {e2e:,.0f} tasks/s")
+                results[name].e2e_cpu_us.append(e2e_cpu)
+                say(f"round {r + 1}/{rounds} {name}: worker {one.rate:,.0f} tasks/s "
+                    f"({one.cpu_us:,.0f} us CPU/task), end to end {e2e:,.0f} tasks/s "
+                    f"({e2e_cpu:,.0f} us CPU/task)")
 
             attempt(name, timed)
     if count_tasks:
@@ -670,7 +785,7 @@ def measure(bench: Bench, lock_url: str, names: Sequence[str], *, tasks: int, ro
                 say(f"counting round trips (MONITOR): {name}")
 
                 def count(name: str = name) -> None:
-                    _, counted = bench.run(TASKS[name], count_tasks, trips=trips)
+                    _, counted = bench.run(name, count_tasks, trips=trips)
                     results[name].trips, results[name].trips_tasks = counted, count_tasks
 
                 attempt(name, count)
@@ -686,6 +801,24 @@ def version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def _hiredis() -> str:
+    try:
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:
+        return "no"
+    return "yes" if HIREDIS_AVAILABLE else "no"
+
+
+def _commit(path: Path) -> str | None:
+    """The short commit of the git checkout at ``path`` (None if it is not one)."""
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _trips(result: Result, phase: str) -> str:
@@ -705,13 +838,19 @@ def _paired(result: Result, base: Result, attr: str) -> list[float]:
     return [a / b for a, b in zip(mine, theirs, strict=False)]
 
 
+def _cpu(result: Result, attr: str) -> list[float]:
+    """Worker CPU us per task, one per round: end-to-end passes or worker (drain) passes."""
+    return result.e2e_cpu_us if attr == "e2e" else [r.cpu_us for r in result.rounds]
+
+
 def table(results: dict[str, Result], tasks: int) -> str:
     plain = results["plain Task"]
     lines = [
-        "| task base class | tasks/s (end to end) | vs plain Task | tasks/s (worker) "
-        "| vs plain Task | per-round end-to-end ratios (median) | lock commands/task: publish "
+        "| task base class | tasks/s (end to end) | vs plain Task | worker CPU us/task (end to "
+        "end) | tasks/s (worker) | vs plain Task | worker CPU us/task (worker) "
+        "| per-round end-to-end ratios (median) | lock commands/task: publish "
         "| lock commands/task: worker |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for name in ORDER:
         result = results.get(name)
@@ -719,7 +858,8 @@ def table(results: dict[str, Result], tasks: int) -> str:
             continue
         best = result.median()
         if best is None:
-            lines.append(f"| {name} | n/a ({result.error}) | n/a | n/a | n/a | n/a | n/a | n/a |")
+            lines.append(f"| {name} | n/a ({result.error}) | n/a | n/a | n/a | n/a | n/a | n/a "
+                         "| n/a | n/a |")
             continue
         e2e, base_e2e = _median(result.e2e), _median(plain.e2e)
         worker, base_worker = best.rate, plain.median()
@@ -729,10 +869,37 @@ def table(results: dict[str, Result], tasks: int) -> str:
         rounds = ", ".join(f"{x:.2f}" for x in paired)
         if paired:
             rounds += f" (median {statistics.median(paired):.2f})"
+        cpu_e2e, cpu_worker = _median(_cpu(result, "e2e")), _median(_cpu(result, "worker"))
         lines.append(
-            f"| {name} | {e2e or 0:,.0f} | {e2e_ratio} | {worker:,.0f} | {worker_ratio} "
-            f"| {rounds} | {_trips(result, 'publish')} | {_trips(result, 'worker')} |"
+            f"| {name} | {e2e or 0:,.0f} | {e2e_ratio} | {cpu_e2e or 0:,.0f} | {worker:,.0f} "
+            f"| {worker_ratio} | {cpu_worker or 0:,.0f} | {rounds} | {_trips(result, 'publish')} "
+            f"| {_trips(result, 'worker')} |"
         )
+    return "\n".join(lines)
+
+
+def _pairs(mine: list[float], theirs: list[float]) -> str:
+    ratios = [a / b for a, b in zip(mine, theirs, strict=False) if b]
+    if not ratios:
+        return "n/a"
+    return (", ".join(f"{x:.2f}" for x in ratios)
+            + f" (median **{statistics.median(ratios):.2f}**)")
+
+
+def baseline_table(results: dict[str, Result]) -> str | None:
+    """``LockedTask`` over ``LockedTask (baseline)``, round by round (the two take turns, so
+    each pair shares a stretch of time): rates above 1 and CPU below 1 favour this checkout."""
+    mine, theirs = results.get("LockedTask"), results.get(BASELINE)
+    if mine is None or theirs is None or not mine.rounds or not theirs.rounds:
+        return None
+    rows = [
+        ("tasks/s, end to end", mine.e2e, theirs.e2e),
+        ("worker CPU us/task, end to end", _cpu(mine, "e2e"), _cpu(theirs, "e2e")),
+        ("tasks/s, worker", [r.rate for r in mine.rounds], [r.rate for r in theirs.rounds]),
+        ("worker CPU us/task, worker", _cpu(mine, "worker"), _cpu(theirs, "worker")),
+    ]
+    lines = ["| LockedTask / LockedTask (baseline) | per round (median) |", "| --- | --- |"]
+    lines += [f"| {what} | {_pairs(a, b)} |" for what, a, b in rows]
     return "\n".join(lines)
 
 
@@ -769,13 +936,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--only", help="comma-separated contenders (plain Task is always kept)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--baseline", metavar="PATH",
+                        help="also run LockedTask from the checkout at PATH (a directory "
+                        "holding a celery_singleton_lock package) on a second worker that "
+                        "imports it first: the contender 'LockedTask (baseline)', taking "
+                        "turns with the others round by round")
     args = parser.parse_args(argv)
+    baseline = None
+    if args.baseline:
+        baseline = str(Path(args.baseline).resolve())
+        if not (Path(baseline) / "celery_singleton_lock").is_dir():
+            parser.error(f"--baseline {args.baseline}: no celery_singleton_lock package there")
+        # The same task, sent the same way (a while_executing LockedTask's publish takes no
+        # lock), run by the baseline's worker.
+        TASKS[BASELINE] = TASKS["LockedTask"]
     # SIGTERM unwinds like Ctrl-C, so the servers and the worker are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     names = [name for name in ORDER if name in TASKS or name in UNAVAILABLE]
     if args.only:
         wanted = {"plain Task", *(n.strip() for n in args.only.split(","))}
+        if "LockedTask" in wanted:
+            wanted.add(BASELINE)
         names = [name for name in names if name in wanted]
     with servers(2) as (main_server, lock_server):
         base = main_server.url.rsplit("/", 1)[0]
@@ -784,20 +966,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         locks = redis.Redis.from_url(lock_server.url)
         server_version = locks.info("server")["redis_version"]
         worker = Worker(args.concurrency)
+        others: dict[str, Worker] = {}
+        if baseline is not None and BASELINE in names:
+            others[BASELINE] = Worker(args.concurrency, role="baseline", package=baseline)
+        imported: dict[str, str] = {}
         try:
-            worker.start()
-            say(f"worker {worker.hostname} ready; {args.tasks} tasks x {args.rounds} rounds")
-            results = measure(Bench(worker, backend, locks), lock_server.url, names,
+            for name, one in [("LockedTask", worker), *others.items()]:
+                one.start()
+                imported[name] = one.whoami()
+                say(f"worker {one.hostname} ready, celery_singleton_lock from {imported[name]}")
+            if baseline is not None and not imported.get(BASELINE, "").startswith(baseline):
+                raise RuntimeError(f"the baseline worker imported {imported.get(BASELINE)}, "
+                                   f"not the package under {baseline}")
+            say(f"{args.tasks} tasks x {args.rounds} rounds")
+            results = measure(Bench(worker, backend, locks, others), lock_server.url, names,
                               tasks=args.tasks, rounds=args.rounds, warmup=args.warmup,
                               count_tasks=args.count)
         finally:
-            worker.close()
+            for one in [worker, *others.values()]:
+                one.close()
             backend.close()
             locks.close()
 
     print(f"### Tasks through one prefork worker (-c {args.concurrency}): {args.tasks} distinct "
           f"no-op tasks per round, median of {args.rounds} rounds\n")
     print(table(results, args.tasks))
+    compared = baseline_table(results)
+    if compared is not None:
+        print()
+        print(compared)
     print()
     print(commands_detail(results, args.tasks))
     locked, plain = results.get("LockedTask"), results["plain Task"]
@@ -812,14 +1009,24 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{scripts / args.tasks:.2f} (one acquire, waited for; one release, whose reply "
               f"is read with the next command). Peers measured elsewhere: "
               + ", ".join(f"{k} {v:.2f}x" for k, v in PEERS_MEASURED_ELSEWHERE.items()) + ".")
+    commit = _commit(REPO_ROOT)
+    trees = f"this checkout {commit or REPO_ROOT} ({imported.get('LockedTask')})"
+    if BASELINE in imported:
+        trees += f", baseline {imported[BASELINE]}"
     print(f"\nPython {platform.python_version()}, celery {version('celery')}, redis-py "
-          f"{version('redis')}, redis-server {server_version}, celery-singleton "
-          f"{version('celery-singleton')}, celery_once {version('celery_once')}, "
-          f"{os.cpu_count()} CPUs.")
+          f"{version('redis')} (hiredis: {_hiredis()}), redis-server {server_version}, "
+          f"celery-singleton {version('celery-singleton')}, celery_once "
+          f"{version('celery_once')}, {os.cpu_count()} CPUs, 1-min load average "
+          f"{os.getloadavg()[0]:.2f} at the end; {trees}.")
     if args.json:
-        payload = {name: {"error": r.error, "trips": r.trips, "trips_tasks": r.trips_tasks,
-                          "rounds": [vars(x) for x in r.rounds], "e2e": r.e2e}
-                   for name, r in results.items()}
+        payload: dict[str, Any] = {
+            name: {"error": r.error, "trips": r.trips, "trips_tasks": r.trips_tasks,
+                   "rounds": [vars(x) for x in r.rounds], "e2e": r.e2e,
+                   "e2e_cpu_us": r.e2e_cpu_us}
+            for name, r in results.items()}
+        payload["_environment"] = {"commit": commit, "imported": imported,
+                                   "hiredis": _hiredis(), "tasks": args.tasks,
+                                   "rounds": args.rounds}
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
