@@ -11,6 +11,7 @@ or kazoo is installed.
 from __future__ import annotations
 
 import importlib.util
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -35,3 +36,21 @@ def zookeeper_server() -> Iterator[ZooKeeperServer]:
 def _store_zookeeper(zookeeper_server: ZooKeeperServer) -> Iterator[str]:
     """``zookeeper://127.0.0.1:<port>/<random chroot>``."""
     yield zookeeper_server.url()
+
+
+@pytest.fixture(scope="session")
+def _store_zookeeper_password(zookeeper_server: ZooKeeperServer) -> Iterator[str]:
+    """The server again, in a chroot of its own behind digest credentials (its nodes carry
+    the creator's ACL, so a wrong password is refused)."""
+    url = zookeeper_server.url().replace(
+        "zookeeper://", f"zookeeper://csl:Pw-{secrets.token_hex(8)}@")
+    from celery_singleton_lock.backends.registry import open_backend
+
+    store = open_backend(url, socket_timeout=5.0)  # makes the chroot, owned by this identity
+    try:
+        assert store.ping() == (1, [])
+        key = "csl:zk.fixture:{0}"
+        assert store.acquire(key, "t", 5.0).acquired and store.release(key, "t")
+    finally:
+        store.close()
+    yield url

@@ -379,10 +379,17 @@ class ZooKeeperBackend(LockBackend):
         from kazoo.retry import KazooRetry
 
         t = self.target
-        auth = [("digest", f"{t.username}:{t.password}")] if t.password is not None else None
+        auth = acl = None
+        if t.password is not None:
+            from kazoo.security import CREATOR_ALL_ACL
+
+            # Digest credentials: every node made is this identity's alone, so a client
+            # without them (or with a wrong password) is refused (NoAuth), not just tagged.
+            auth, acl = [("digest", f"{t.username}:{t.password}")], CREATOR_ALL_ACL
         connected = self._connected
         zk = KazooClient(
-            hosts=t.hosts, timeout=t.session_timeout_s, auth_data=auth, logger=self._log,
+            hosts=t.hosts, timeout=t.session_timeout_s, auth_data=auth, default_acl=acl,
+            logger=self._log,
             connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_delay=1.0),
         )
 
@@ -1415,9 +1422,14 @@ class ZooKeeperBackend(LockBackend):
             raise self._error(f"release lock {record.key!r}", exc, record.key) from exc
 
     def ping(self) -> tuple[int, list[str]]:
+        from kazoo.exceptions import NoNodeError
+
         try:
             zk = self._client()
-            self._result(zk.exists_async(self._root or "/"))
+            try:  # a read the ACL checks: a wrong password is refused here
+                self._result(zk.get_children_async(f"{self._root}/locks"))
+            except NoNodeError:
+                pass
             return 1, []
         except _Down as exc:
             return 0, [f"{self.description}: {exc}"]
