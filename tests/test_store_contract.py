@@ -468,18 +468,24 @@ def test_lock_info_shows_the_holder_metadata(kind: str, store: LockBackend) -> N
     assert store.lock_info(new_key()) is None
 
 
-def test_list_locks_by_prefix_pattern_and_limit_reads_every_page(
-        kind: str, store: LockBackend) -> None:
-    need(kind, store, Capability.LIST)
+def _many_locks(store: LockBackend) -> tuple[str, list[str], list[str]]:
+    """250 locks of two tasks under a fresh key prefix (and one under a longer prefix)."""
     prefix = f"singleton_lock:contract:{uuid.uuid4().hex}"
     tok = token()
     a_keys = [f"{prefix}:task.a:{{{i:04d}}}" for i in range(200)]
     b_keys = [f"{prefix}:task.b:{{{i:04d}}}" for i in range(50)]
     for i, key in enumerate([*a_keys, *b_keys]):
         assert store.acquire(key, tok, 60.0, meta(f"owner-{i}", task=key.split(":")[3])).acquired
-    # A key prefix names the keys "<prefix>:...": not those of a longer prefix.
-    take(store, f"{prefix}x:task.a:{{0}}", token())
-    records = store.list_locks(prefix)
+    take(store, f"{prefix}x:task.a:{{0}}", token())  # the prefix's text, longer
+    return prefix, a_keys, b_keys
+
+
+def test_list_locks_by_prefix_pattern_and_limit_reads_every_page(
+        kind: str, store: LockBackend) -> None:
+    need(kind, store, Capability.LIST)
+    prefix, a_keys, b_keys = _many_locks(store)
+    # As celery locks and the metrics ask: the key prefix setting, and a pattern under it.
+    records = store.list_locks(prefix, pattern=f"{prefix}:*")
     assert sorted(r.key for r in records) == sorted([*a_keys, *b_keys])
     by_key = {r.key: r for r in records}
     first = by_key[a_keys[0]]
@@ -489,10 +495,22 @@ def test_list_locks_by_prefix_pattern_and_limit_reads_every_page(
     assert by_key[b_keys[-1]].task_id == "owner-249"
     only_b = store.list_locks(prefix, pattern=f"{prefix}:task.b:*")
     assert sorted(r.key for r in only_b) == b_keys
-    some = store.list_locks(prefix, limit=10)
+    some = store.list_locks(prefix, pattern=f"{prefix}:*", limit=10)
     assert len(some) == 10 and {r.key for r in some} <= set(a_keys + b_keys)
     errors: list[str] = []
-    assert store.list_locks(f"{prefix}:nothing", errors=errors) == [] and errors == []
+    assert store.list_locks(prefix, pattern=f"{prefix}:nothing:*", errors=errors) == []
+    assert errors == []
+
+
+def test_list_locks_without_a_pattern_lists_the_keys_under_the_key_prefix(
+        kind: str, store: LockBackend) -> None:
+    """``prefix`` is a key prefix, as ``singleton_lock_key_prefix``: ``csl`` names the keys
+    ``csl:...`` (Redis's ``SCAN MATCH csl:*``), not those of a longer prefix ``cslx:...``."""
+    need(kind, store, Capability.LIST)
+    prefix, a_keys, b_keys = _many_locks(store)
+    assert sorted(r.key for r in store.list_locks(prefix)) == sorted([*a_keys, *b_keys])
+    assert sorted(r.key for r in store.list_locks(f"{prefix}:task.b")) == b_keys
+    assert len(store.list_locks(prefix, limit=10)) == 10
 
 
 def test_ping_answers_for_every_member(kind: str, store: LockBackend) -> None:
