@@ -11,16 +11,24 @@ memcached counts expiry in whole seconds, so the tests that wait for a lock to l
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
+import redis
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
 from tests.memcached_server import MemcachedServer, find_memcached
-from tests.servers import wait_until
+from tests.servers import RedisServer, wait_until
+from tests.workers import CeleryWorker, TaskEnv
 
 pytest.importorskip("pymemcache")
 if find_memcached() is None:  # pragma: no cover - CI installs it
@@ -80,7 +88,12 @@ def new_key(name: str = "t") -> str:
 
 
 def raw(server: MemcachedServer, key: str) -> dict[str, Any] | None:
-    value = server.client().get(mc.stored_key(key))
+    """The JSON value of lock ``key`` as memcached holds it."""
+    client = server.client()
+    try:
+        value = client.get(mc.stored_key(key))
+    finally:
+        client.close()
     return None if value is None else json.loads(value)
 
 
@@ -206,8 +219,11 @@ def test_fence_grows_after_the_counter_itself_expired(
     [first, _] = member.run([acquire(key, "a", fence_ttl_ms=1000), Release(key, "a")])
     counter = mc._fence_name(key)
     client = mcd.client()
-    wait_until(lambda: client.get(counter) is None, 5.0, interval_s=0.05,
-               message="the fencing counter to expire")
+    try:
+        wait_until(lambda: client.get(counter) is None, 5.0, interval_s=0.05,
+                   message="the fencing counter to expire")
+    finally:
+        client.close()
     [second] = member.run([acquire(key, "b", fence_ttl_ms=1000)])
     assert second.acquired and second.fence > first.fence
 
@@ -237,10 +253,11 @@ def test_release_is_compare_and_delete(member: MemcachedMember, mcd: MemcachedSe
 
 
 def test_cas_with_a_negative_expiry_deletes_only_the_version_read(
-        mcd: MemcachedServer) -> None:
+        mcd: MemcachedServer, request: pytest.FixtureRequest) -> None:
     """The memcached behaviour release relies on: ``cas`` with expiry -1 is a
     compare-and-delete, refused once another client changed the item."""
     client = mcd.client()
+    request.addfinalizer(client.close)
     client.set("k", b"first", 60)
     _, cas = client.gets("k")
     client.set("k", b"successor", 60)
@@ -582,3 +599,312 @@ def test_members_in_parallel_cost_about_one_member(trio: list[MemcachedServer]) 
         for s in trio:
             s.resume()
         store.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Real workers: LockedTask on memcached, released within 1 s of every ending (SPEC 6)
+
+#: The bound every ending must meet.
+RELEASE_BOUND_S = 1.0
+WORKER_QUEUE = "mc-release"
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+class McTaskEnv(TaskEnv):
+    """A :class:`~tests.workers.TaskEnv` whose lock store is one memcached (the base class
+    reads locks with Redis clients; this one reads memcached's items)."""
+
+    def __init__(self, app_module: str, lock_server: MemcachedServer) -> None:
+        self.app_module = app_module
+        self.lock_url = lock_server.url
+        self.server = RedisServer().start()
+        base = self.server.url.rsplit("/", 1)[0]
+        self.broker_url, self.backend_url = f"{base}/0", f"{base}/1"
+        self.record_url = f"{base}/2"
+        self.records = redis.Redis.from_url(self.record_url, decode_responses=True)
+        self.results = redis.Redis.from_url(self.backend_url, decode_responses=True)
+        self.workers = []
+        self.lock_clients = []
+        self.lock_server = lock_server
+        self.mc_client = lock_server.client()
+
+    def _get(self, key: str) -> bytes | None:
+        """The item of lock ``key`` (a connection a server restart broke is opened again)."""
+        from pymemcache.exceptions import MemcacheUnexpectedCloseError
+
+        try:
+            value: bytes | None = self.mc_client.get(mc.stored_key(key))
+        except (MemcacheUnexpectedCloseError, OSError):
+            self.mc_client.close()
+            value = self.mc_client.get(mc.stored_key(key))
+        return value
+
+    def lock(self, key: str) -> dict[str, Any] | None:
+        value = self._get(key)
+        return None if value is None else json.loads(value)
+
+    def gone_after(self, key: str, since: float, timeout_s: float = 5.0) -> float:
+        """Seconds from ``since`` (wall clock) until ``key`` is seen gone (polled every 5 ms)."""
+        deadline = time.monotonic() + timeout_s
+        while self._get(key) is not None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"lock {key} still held after {timeout_s} s: "
+                                     f"{self.lock(key)}\n{self.describe()}")
+            time.sleep(0.005)
+        return time.time() - since
+
+    def started(self, tag: str, timeout_s: float = 15) -> dict[str, Any]:
+        raw_info = self.wait(lambda: self.records.get(f"{tag}:start"), timeout_s,
+                             f"{tag} started")
+        info: dict[str, Any] = json.loads(raw_info)
+        assert info["held"] is True  # the body ran under its lock
+        return info
+
+    def recorded(self, tag: str, what: str, timeout_s: float = 15) -> float:
+        return float(self.wait(lambda: self.records.get(f"{tag}:{what}"), timeout_s,
+                               f"{tag} {what}"))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.mc_client.close()
+
+
+@pytest.fixture(scope="module")
+def task_env(server: MemcachedServer) -> Iterator[McTaskEnv]:
+    from tests.apps import mc_app
+    from tests.apps.common import configure
+
+    env = McTaskEnv("tests.apps.mc_app", server)
+    configure(mc_app.app, env.broker_url, env.backend_url, server.url)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+@pytest.fixture(scope="module")
+def mc_worker(task_env: McTaskEnv) -> Iterator[CeleryWorker]:
+    """One prefork worker (2 children) for the endings that leave the worker running."""
+    worker = task_env.worker(pool="prefork", concurrency=2, queues=[WORKER_QUEUE])
+    try:
+        yield worker.start()
+    finally:
+        task_env.stop_workers([worker])
+
+
+@pytest.fixture
+def app_env(task_env: McTaskEnv, server: MemcachedServer,
+            request: pytest.FixtureRequest) -> Iterator[McTaskEnv]:
+    """The task environment, its memcached healed; worker logs shown on failure."""
+    server.heal()
+    yield from _with_logs(task_env, request)
+
+
+def _with_logs(env: McTaskEnv, request: pytest.FixtureRequest) -> Iterator[McTaskEnv]:
+    failed = request.session.testsfailed
+    first = len(env.workers)
+    yield env
+    if request.session.testsfailed > failed:
+        sys.stderr.write(env.describe(since=first) + "\n")
+
+
+def _tag() -> str:
+    return f"t-{uuid.uuid4().hex}"
+
+
+def _within_bound(elapsed: float, what: str) -> None:
+    print(f"{what}: released {elapsed * 1000:.0f} ms after the ending")
+    assert elapsed <= RELEASE_BOUND_S, f"{what}: released {elapsed:.3f} s after the ending"
+
+
+@pytest.mark.slow
+def test_worker_success_failure_and_retry_release_within_1s(
+        app_env: McTaskEnv, mc_worker: CeleryWorker) -> None:
+    from tests.apps import mc_app
+
+    tag = _tag()
+    result = mc_app.ok.apply_async((tag,), queue=WORKER_QUEUE)
+    _within_bound(app_env.gone_after(mc_app.ok.lock_key_for(tag),
+                                     app_env.recorded(tag, "end")), "success")
+    assert result.get(timeout=10) == "ok"
+
+    tag = _tag()
+    result = mc_app.boom.apply_async((tag,), queue=WORKER_QUEUE)
+    _within_bound(app_env.gone_after(mc_app.boom.lock_key_for(tag),
+                                     app_env.recorded(tag, "end")), "failure")
+    with pytest.raises(ValueError, match="boom"):
+        result.get(timeout=10)
+
+    tag, countdown = _tag(), 1.0
+    result = mc_app.retrying.apply_async((tag, countdown), queue=WORKER_QUEUE)
+    retried = app_env.recorded(tag, "retry")
+    _within_bound(app_env.gone_after(mc_app.retrying.lock_key_for(tag, countdown), retried),
+                  "self.retry()")
+    assert not app_env.records.exists(f"{tag}:end")  # released before the retry ran
+    assert result.get(timeout=15) == 1
+
+
+@pytest.mark.slow
+def test_worker_revoke_terminate_time_limit_and_killed_child_release_within_1s(
+        app_env: McTaskEnv, mc_worker: CeleryWorker) -> None:
+    from tests.apps import mc_app
+
+    tag = _tag()
+    result = mc_app.sleeper.apply_async((tag, 30.0), queue=WORKER_QUEUE)
+    app_env.started(tag)
+    key = mc_app.sleeper.lock_key_for(tag, 30.0)
+    item = app_env.lock(key)
+    assert item is not None and item["f"]["owner"] == result.id
+    revoked_at = time.time()
+    result.revoke(terminate=True)
+    _within_bound(app_env.gone_after(key, revoked_at), "revoke(terminate=True)")
+    app_env.wait_ready([result.id], 10)
+    assert result.state == "REVOKED"
+
+    tag = _tag()
+    result = mc_app.limited.apply_async((tag,), queue=WORKER_QUEUE)
+    info = app_env.started(tag)
+    # time_limit=1.0 counts from just before the body started: this overstates a little.
+    _within_bound(app_env.gone_after(mc_app.limited.lock_key_for(tag), info["time"] + 1.0),
+                  "hard time limit")
+    app_env.wait_ready([result.id], 10)
+    assert isinstance(result.result, TimeLimitExceeded)
+
+    tag = _tag()
+    result = mc_app.sleeper.apply_async((tag, 30.0), queue=WORKER_QUEUE)
+    info = app_env.started(tag)
+    key = mc_app.sleeper.lock_key_for(tag, 30.0)
+    item = app_env.lock(key)
+    assert item is not None and int(item["f"]["pid"]) == info["pid"]
+    assert info["pid"] in mc_worker.child_pids()
+    killed_at = time.time()
+    os.kill(info["pid"], signal.SIGKILL)
+    _within_bound(app_env.gone_after(key, killed_at), "pool child killed")
+    app_env.wait_ready([result.id], 10)
+    assert isinstance(result.result, WorkerLostError)
+
+
+@pytest.mark.slow
+def test_worker_revoke_before_start_releases_the_enqueue_lock_within_1s(
+        app_env: McTaskEnv, mc_worker: CeleryWorker) -> None:
+    from tests.apps import mc_app
+
+    tag = _tag()
+    key = mc_app.queued.lock_key_for(tag)
+    held_queue = f"mc-held-{uuid.uuid4().hex[:8]}"
+    result = mc_app.queued.apply_async((tag,), queue=held_queue)
+    item = app_env.lock(key)
+    assert item is not None and item["f"]["owner"] == result.id  # taken at enqueue
+    control = mc_app.app.control
+    assert control.revoke(result.id, destination=[mc_worker.hostname], reply=True, timeout=5)
+    assert control.add_consumer(held_queue, destination=[mc_worker.hostname], reply=True,
+                                timeout=5)
+    try:
+        text = f"Discarding revoked task: {mc_app.queued.name}[{result.id}]"
+
+        def discarded() -> float | None:
+            for line in mc_worker.log_text().splitlines():
+                stamp = LOG_TIME.match(line)
+                if text in line and stamp:
+                    return datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            return None
+
+        at = float(app_env.wait(discarded, 10, "the revoked task discarded"))
+        _within_bound(app_env.gone_after(key, at), "revoke before start")
+    finally:
+        control.cancel_consumer(held_queue, destination=[mc_worker.hostname], reply=True,
+                                timeout=5)
+    assert not app_env.records.exists(f"{tag}:start")
+
+
+@pytest.mark.slow
+def test_worker_warm_shutdown_finishes_and_releases_and_a_killed_worker_lock_lapses(
+        app_env: McTaskEnv) -> None:
+    from tests.apps import mc_app
+
+    queue = f"mc-warm-{uuid.uuid4().hex[:8]}"
+    warm = app_env.worker(pool="prefork", concurrency=2, queues=[queue])
+    doomed = app_env.worker(pool="prefork", concurrency=2, queues=[f"{queue}-doomed"])
+    try:
+        warm.start()
+        doomed.start()
+        tag, lost = _tag(), _tag()
+        result = mc_app.sleeper.apply_async((tag, 2.0), queue=queue)
+        mc_app.sleeper.apply_async((lost, 30.0), queue=f"{queue}-doomed")
+        app_env.started(tag)
+        app_env.started(lost)
+        warm.terminate()
+        _within_bound(app_env.gone_after(mc_app.sleeper.lock_key_for(tag, 2.0),
+                                         app_env.recorded(tag, "end")), "warm shutdown")
+        assert result.get(timeout=10) == "slept"
+        assert warm.wait_exit(15) is not None
+        # The whole worker killed: renewed while it ran, its lock lapses within the ttl plus
+        # memcached's whole-second rounding (stored for ceil(ttl) + 1 s).
+        key = mc_app.sleeper.lock_key_for(lost, 30.0)
+        app_env.wait(lambda: int((app_env.lock(key) or {"f": {}})["f"].get("renewals", 0))
+                     >= 1, 5, "a renewal")
+        killed_at = time.time()
+        doomed.kill()
+        expired = app_env.gone_after(key, killed_at, timeout_s=10)
+        print(f"killed worker: lock lapsed {expired * 1000:.0f} ms after the kill")
+        assert expired <= mc_app.LOCK_TTL_S + 2.0 + 0.5
+    finally:
+        app_env.stop_workers([warm, doomed])
+
+
+@pytest.mark.slow
+def test_worker_lock_lost_when_memcached_restarts_under_a_running_body(
+        app_env: McTaskEnv, server: MemcachedServer) -> None:
+    """A restart empties memcached: the holder's next renewal finds its lock gone and, with
+    ``lock_on_lost="abort"``, the body gets LockLostError."""
+    from tests.apps import mc_app
+    from tests.workers import conf_env
+
+    queue = f"mc-lost-{uuid.uuid4().hex[:8]}"
+    worker = app_env.worker(pool="prefork", concurrency=1, queues=[queue],
+                            env=conf_env(singleton_lock_on_lost="abort"))
+    try:
+        worker.start()
+        tag = _tag()
+        result = mc_app.sleeper.apply_async((tag, 20.0), queue=queue)
+        app_env.started(tag)
+        restarted_at = time.monotonic()
+        server.restart()
+        app_env.wait_ready([result.id], 10)
+        took = time.monotonic() - restarted_at
+        assert result.state == "FAILURE"
+        assert type(result.result).__name__ == "LockLostError", result.result
+        # Found at the next renewal (every ttl/3), not at the end of the 20 s body.
+        assert took < mc_app.LOCK_TTL_S + 2.0
+    finally:
+        app_env.stop_workers([worker])
+
+
+@pytest.mark.slow
+def test_real_workers_never_run_two_bodies_of_one_signature_at_once_on_memcached(
+        app_env: McTaskEnv) -> None:
+    """2 workers x 2 prefork children, 100 tasks of one signature: never two bodies at once."""
+    from tests.apps import mc_app
+
+    queue = f"mc-dedup-{uuid.uuid4().hex[:8]}"
+    workers = [app_env.worker(pool="prefork", concurrency=2, queues=[queue])
+               for _ in range(2)]
+    try:
+        for worker in workers:
+            worker.start()
+        slot, hold_s, sent = f"slot-{uuid.uuid4().hex}", 0.05, 100
+        results = [mc_app.guarded.apply_async((slot, hold_s), queue=queue)
+                   for _ in range(sent)]
+        ids = [r.id for r in results]
+        states = app_env.wait_ready(ids, 90)
+        assert int(app_env.records.get(f"{slot}:max") or 0) == 1
+        ran, rejected = states.count("SUCCESS"), states.count("REVOKED")
+        assert ran + rejected == sent and ran >= 1 and rejected >= 1
+        assert app_env.records.llen(f"{slot}:runs") == ran
+        pids = {r.result for r, s in zip(results, states, strict=True) if s == "SUCCESS"}
+        print(f"memcached dedup: {ran} ran, {rejected} rejected, bodies in {len(pids)} children")
+        app_env.gone_after(mc_app.guarded.lock_key_for(slot, hold_s), time.time())
+    finally:
+        app_env.stop_workers(workers)
