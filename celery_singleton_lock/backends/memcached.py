@@ -360,11 +360,10 @@ class _Batch:
     first runs it (the caller or a pool thread), so a full pool never deadlocks a caller.
     """
 
-    __slots__ = ("member", "ops", "after", "results", "_claimed", "_done")
+    __slots__ = ("member", "ops", "results", "_claimed", "_done")
 
-    def __init__(self, member: MemcachedMember, ops: Sequence[Op],
-                 after: list[_Batch]) -> None:
-        self.member, self.ops, self.after = member, ops, after
+    def __init__(self, member: MemcachedMember, ops: Sequence[Op]) -> None:
+        self.member, self.ops = member, ops
         self.results: list[Any] = []
         self._claimed = threading.Lock()
         self._done = threading.Event()
@@ -374,8 +373,6 @@ class _Batch:
         if not self._claimed.acquire(blocking=False):
             return
         try:
-            for earlier in self.after:  # releases posted before it land first
-                earlier.wait()
             self.results = self.member._run_batch(self.ops)
         finally:
             self._done.set()
@@ -385,13 +382,12 @@ class _Batch:
         self._done.wait()
         return self.results
 
-    def done(self) -> bool:
-        return self._done.is_set()
-
     def receive(self) -> list[Any]:
         others: list[_Batch] = getattr(_unsent, "batches", [])
         if others:
             _unsent.batches = []
+            if getattr(_unsent, "pid", None) != os.getpid():
+                others = []  # submitted by the parent before a fork: not this process's
             executor = None
             for batch in others:
                 if batch is not self and not batch._claimed.locked():
@@ -448,9 +444,6 @@ class MemcachedMember(QuorumMember):
         self.name = _display(host, port)
         self.socket_timeout = socket_timeout
         self._pool = _Pool(host, port, socket_timeout)
-        self._posted: list[tuple[_Batch, Callable[[list[Any]], None]]] = []
-        self._posted_lock = threading.Lock()
-        self._posted_pid = os.getpid()
         #: Whether the server has ``lru_crawler metadump`` (None: not known yet).
         self.can_list: bool | None = None
         #: The server's version (None: not known yet).
@@ -495,45 +488,20 @@ class MemcachedMember(QuorumMember):
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _posted_before(self) -> list[_Batch]:
-        with self._posted_lock:
-            if self._posted_pid != os.getpid():
-                self._posted, self._posted_pid = [], os.getpid()
-            return [batch for batch, _ in self._posted if not batch.done()]
-
     def submit(self, ops: Sequence[Op]) -> _Batch:
-        """Queue ``ops``; they run when a result is asked for (see :class:`_Batch`), after
-        any release this process posted to the server before."""
-        batch = _Batch(self, ops, self._posted_before())
-        try:
-            _unsent.batches.append(batch)
-        except AttributeError:
-            _unsent.batches = [batch]
+        """Queue ``ops``; they run when a result is asked for (see :class:`_Batch`)."""
+        batch = _Batch(self, ops)
+        pid = os.getpid()
+        if getattr(_unsent, "pid", None) != pid:
+            _unsent.batches, _unsent.pid = [], pid
+        _unsent.batches.append(batch)
         return batch
 
     def run(self, ops: Sequence[Op]) -> list[Any]:
-        return _Batch(self, ops, self._posted_before()).receive()
+        return _Batch(self, ops).receive()
 
-    def post(self, ops: Sequence[Op], done: Callable[[list[Any]], None]) -> None:
-        """Run ``ops`` on a thread of the pool now; ``done(results)`` runs in :meth:`settle`
-        (the renewal thread), so the caller does not wait for the round trips. Every batch
-        submitted afterwards runs after it."""
-        batch = _Batch(self, ops, self._posted_before())
-        with self._posted_lock:
-            self._posted.append((batch, done))
-        _pool_executor().submit(batch.run_here)
-
-    def owes_replies(self) -> bool:
-        with self._posted_lock:
-            return bool(self._posted) and self._posted_pid == os.getpid()
-
-    def settle(self) -> None:
-        with self._posted_lock:
-            if self._posted_pid != os.getpid():
-                self._posted, self._posted_pid = [], os.getpid()
-            posted, self._posted = self._posted, []
-        for batch, done in posted:
-            done(batch.wait())
+    # post() is the default: run at once. Handing a release to a thread would let a pool
+    # child that exits (os._exit) right after its task drop a release never sent.
 
     def _run_batch(self, ops: Sequence[Op]) -> list[Any]:
         """Run ``ops`` on one connection. A fault fails the op it hit and every op after it
@@ -925,7 +893,6 @@ class MemcachedMember(QuorumMember):
         return self._pool.new().client
 
     def close(self) -> None:
-        self.settle()
         self._pool.close()
 
 
