@@ -25,11 +25,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from celery_singleton_lock.backends.base import Capability, LockBackend, Renewal, require
 from celery_singleton_lock.backends.registry import open_backend
 from celery_singleton_lock.errors import LockBackendError, LockConfigError
-from tests.servers import wait_until
+from tests.apps.common import configure
+from tests.servers import RedisServer, wait_until
+from tests.workers import CeleryWorker
 from tests.zk_server import ZooKeeperServer
 
 kazoo = pytest.importorskip("kazoo")
@@ -606,3 +609,253 @@ def test_node_data_is_the_holders_metadata(
     record = store.lock_info(key)
     assert record is not None and record.fence == fence and record.ttl_s is None
     assert t not in json.dumps(record.as_json())
+
+
+# -- real workers ---------------------------------------------------------------------------------
+#
+# `celery worker` subprocesses (prefork) of tests/apps/zk_app.py, locking in ZooKeeper: a Redis
+# of the test's own is only their broker, result backend and the bodies' records.
+
+#: Every ending releases the lock within this bound (SPEC 6).
+RELEASE_BOUND_S = 1.0
+#: The workers' ZooKeeper session timeout: a killed worker's locks go after it.
+WORKER_SESSION_S = 2.0
+
+
+class ZkTaskEnv:
+    def __init__(self, server: RedisServer, store_url: str) -> None:
+        from tests.apps import zk_app
+
+        base = server.url.rsplit("/", 1)[0]
+        self.broker_url, self.backend_url, self.record_url = (f"{base}/{i}" for i in range(3))
+        self.store_url = store_url
+        self.app = zk_app.app
+        configure(self.app, self.broker_url, self.backend_url, None,
+                  singleton_lock_socket_timeout=0.5)
+        self.app.conf.singleton_lock_url = store_url
+        self.records = redis.Redis.from_url(self.record_url, decode_responses=True)
+        self.results = redis.Redis.from_url(self.backend_url, decode_responses=True)
+        self.store = open_backend(store_url, socket_timeout=TIMEOUT_S)
+        self.workers: list[CeleryWorker] = []
+
+    def worker(self, **options: Any) -> CeleryWorker:
+        worker = CeleryWorker("tests.apps.zk_app", self.broker_url, self.backend_url, "",
+                              record_url=self.record_url,
+                              env={"CSL_TEST_STORE_URL": json.dumps(self.store_url)}, **options)
+        self.workers.append(worker)
+        return worker
+
+    def describe(self) -> str:
+        return "\n".join(w.describe() for w in self.workers)
+
+    def wait(self, predicate: Callable[[], Any], timeout_s: float, message: str) -> Any:
+        try:
+            return wait_until(predicate, timeout_s, interval_s=0.01, message=message)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.describe()}") from None
+
+    def started(self, tag: str, timeout_s: float = 15) -> dict[str, Any]:
+        info: dict[str, Any] = json.loads(
+            self.wait(lambda: self.records.get(f"{tag}:start"), timeout_s, f"{tag} started"))
+        assert info["held"] is True
+        return info
+
+    def ended(self, tag: str, what: str = "end", timeout_s: float = 15) -> dict[str, Any]:
+        return json.loads(  # type: ignore[no-any-return]
+            self.wait(lambda: self.records.get(f"{tag}:{what}"), timeout_s, f"{tag} {what}"))
+
+    def released_after(self, key: str, ending: float, timeout_s: float = 5) -> float:
+        """Seconds from ``ending`` (wall clock) until ``key`` is seen free."""
+        deadline = time.monotonic() + timeout_s
+        while self.store.holder(key) is not None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{key} still held after {timeout_s} s\n{self.describe()}")
+            time.sleep(0.005)
+        return time.time() - ending
+
+    def states(self, ids: list[str]) -> list[str]:
+        raw = self.results.mget([f"celery-task-meta-{i}" for i in ids])
+        return [json.loads(r)["status"] if r else "PENDING" for r in raw]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.terminate()
+        for worker in self.workers:
+            worker.close()
+        self.store.close()
+        self.records.close()
+        self.results.close()
+
+
+@pytest.fixture(scope="module")
+def zk_env(zookeeper_server: ZooKeeperServer) -> Iterator[ZkTaskEnv]:
+    with RedisServer() as server:
+        env = ZkTaskEnv(server, f"{zookeeper_server.url()}?session_timeout={WORKER_SESSION_S}")
+        try:
+            yield env
+        finally:
+            env.close()
+
+
+@pytest.fixture(scope="module")
+def zk_worker(zk_env: ZkTaskEnv) -> CeleryWorker:
+    return zk_env.worker(pool="prefork", concurrency=2, queues=["zk"]).start()
+
+
+def _tag() -> str:
+    return f"t-{uuid.uuid4().hex}"
+
+
+def _within_bound(what: str, elapsed: float) -> None:
+    print(f"{what}: released {elapsed * 1000:.0f} ms after the ending")
+    assert elapsed <= RELEASE_BOUND_S, f"{what}: {elapsed:.3f} s"
+
+
+@pytest.mark.slow
+def test_real_workers_2x2_never_run_two_bodies_of_one_signature_at_once(
+        zk_env: ZkTaskEnv) -> None:
+    from tests.apps import zk_app
+
+    workers = [zk_env.worker(pool="prefork", concurrency=2, queues=["zk-dedup"])
+               for _ in range(2)]
+    try:
+        for worker in workers:
+            worker.start()
+        slot, hold_s, sent = f"slot-{uuid.uuid4().hex}", 0.05, 80
+        results = [zk_app.guarded.apply_async((slot, hold_s), queue="zk-dedup")
+                   for _ in range(sent)]
+        ids = [r.id for r in results]
+        zk_env.wait(lambda: all(s in ("SUCCESS", "REVOKED", "FAILURE")
+                                for s in zk_env.states(ids)), 90, f"{sent} tasks ready")
+        states = zk_env.states(ids)
+        assert int(zk_env.records.get(f"{slot}:max") or 0) == 1
+        ran, rejected = states.count("SUCCESS"), states.count("REVOKED")
+        assert ran + rejected == sent and ran >= 1 and rejected >= 1, states
+        assert zk_env.records.llen(f"{slot}:runs") == ran
+        pids = {r.result for r in results if r.state == "SUCCESS"}
+        print(f"{sent} sent: {ran} ran in {len(pids)} pool children, {rejected} rejected")
+        key = zk_app.guarded.lock_key_for(slot, hold_s)
+        zk_env.wait(lambda: zk_env.store.holder(key) is None, 5, "the last release")
+    finally:
+        for worker in workers:
+            worker.terminate()
+
+
+@pytest.mark.slow
+def test_every_ending_releases_the_zookeeper_lock_within_1s(
+        zk_env: ZkTaskEnv, zk_worker: CeleryWorker) -> None:
+    from tests.apps import zk_app
+
+    tag = _tag()  # success
+    result = zk_app.ok.apply_async((tag,), queue="zk")
+    info = zk_env.started(tag)
+    _within_bound("success", zk_env.released_after(zk_app.ok.lock_key_for(tag),
+                                                   zk_env.ended(tag)["time"]))
+    assert result.get(timeout=10) == "ok" and info["fence"]
+
+    tag = _tag()  # failure
+    result = zk_app.boom.apply_async((tag,), queue="zk")
+    zk_env.started(tag)
+    _within_bound("failure", zk_env.released_after(zk_app.boom.lock_key_for(tag),
+                                                   zk_env.ended(tag)["time"]))
+    with pytest.raises(ValueError, match="boom"):
+        result.get(timeout=10)
+
+    tag = _tag()  # self.retry()
+    result = zk_app.retrying.apply_async((tag, 2.0), queue="zk")
+    zk_env.started(tag)
+    retried = zk_env.ended(tag, "retry")["time"]
+    _within_bound("retry", zk_env.released_after(zk_app.retrying.lock_key_for(tag, 2.0), retried))
+    assert result.get(timeout=15) == 1
+
+    tag = _tag()  # revoke(terminate=True)
+    result = zk_app.sleeper.apply_async((tag, 30.0), queue="zk")
+    zk_env.started(tag)
+    key = zk_app.sleeper.lock_key_for(tag, 30.0)
+    assert zk_env.store.holder(key) == result.id
+    revoked = time.time()
+    result.revoke(terminate=True)
+    _within_bound("revoke terminate", zk_env.released_after(key, revoked))
+
+    tag = _tag()  # hard time limit
+    result = zk_app.limited.apply_async((tag,), queue="zk")
+    info = zk_env.started(tag)
+    _within_bound("hard time limit", zk_env.released_after(zk_app.limited.lock_key_for(tag),
+                                                           info["time"] + 1.0))
+
+    tag = _tag()  # the pool child killed
+    result = zk_app.sleeper.apply_async((tag, 30.0), queue="zk")
+    info = zk_env.started(tag)
+    key = zk_app.sleeper.lock_key_for(tag, 30.0)
+    assert info["pid"] in zk_worker.child_pids()
+    killed = time.time()
+    os.kill(info["pid"], signal.SIGKILL)
+    _within_bound("killed child", zk_env.released_after(key, killed))
+
+    tag = _tag()  # revoke before start (a countdown the worker holds)
+    result = zk_app.ok.apply_async((tag,), queue="zk", countdown=30)
+    key = zk_app.ok.lock_key_for(tag)
+    time.sleep(0.5)  # let the worker receive it: nothing holds the lock meanwhile
+    result.revoke()
+    zk_env.wait(lambda: result.state == "REVOKED", 10, "the revoke")
+    assert zk_env.store.holder(key) is None
+
+
+@pytest.mark.slow
+def test_warm_shutdown_and_a_killed_worker(zk_env: ZkTaskEnv) -> None:
+    from tests.apps import zk_app
+
+    worker = zk_env.worker(pool="prefork", concurrency=2, queues=["zk-warm"]).start()
+    tag = _tag()
+    result = zk_app.sleeper.apply_async((tag, 2.0), queue="zk-warm")
+    zk_env.started(tag)
+    worker.terminate()  # warm shutdown: the body finishes, then its lock goes
+    _within_bound("warm shutdown", zk_env.released_after(zk_app.sleeper.lock_key_for(tag, 2.0),
+                                                         zk_env.ended(tag)["time"]))
+    assert result.get(timeout=10) == "slept"
+    assert worker.wait_exit(15) is not None
+
+    worker = zk_env.worker(pool="prefork", concurrency=2, queues=["zk-doomed"]).start()
+    tag = _tag()
+    zk_app.sleeper.apply_async((tag, 30.0), queue="zk-doomed")
+    zk_env.started(tag)
+    key = zk_app.sleeper.lock_key_for(tag, 30.0)
+    zk_env.wait(lambda: (zk_env.store.lock_info(key) or _NO_RECORD).renewals >= 1, 5,
+                "a renewal (the main process adopts the lock)")
+    killed = time.time()
+    worker.kill()
+    gone = zk_env.released_after(key, killed, timeout_s=WORKER_SESSION_S + 5)
+    print(f"killed worker: lock gone {gone:.2f} s after the kill "
+          f"(session timeout {WORKER_SESSION_S} s)")
+    assert gone <= WORKER_SESSION_S + 1.0
+
+
+@pytest.mark.slow
+def test_a_body_holding_the_gil_keeps_its_lock_past_the_childs_session_timeout(
+        zk_env: ZkTaskEnv, zk_worker: CeleryWorker) -> None:
+    """The child's ZooKeeper heartbeats stop while the body holds the GIL; the worker's main
+    process adopted the lock at its first renewal, so the lock follows its session."""
+    from tests.apps import zk_app
+
+    started = time.monotonic()
+    sum(range(10**7))
+    n = int(10**7 * (3 * WORKER_SESSION_S) / max(time.monotonic() - started, 1e-3))
+    tag = _tag()
+    result = zk_app.hog.apply_async((tag, n), queue="zk")
+    info = zk_env.started(tag)
+    key = zk_app.hog.lock_key_for(tag, n)
+    holders = []
+    while not zk_env.records.exists(f"{tag}:end"):
+        holders.append(zk_env.store.holder(key))
+        assert holders[-1] == result.id, f"lost while the body ran: {holders[-5:]}"
+        time.sleep(0.05)
+    end = json.loads(zk_env.records.get(f"{tag}:end") or "{}")
+    assert end["took"] > 2 * WORKER_SESSION_S, end  # it did starve the child's session
+    assert end["held"] is True
+    assert result.get(timeout=10) == sum(range(n)) % 1000
+    print(f"GIL held {end['took']:.1f} s in one call (session timeout {WORKER_SESSION_S} s): "
+          f"lock held throughout ({len(holders)} checks), pid {info['pid']}")
+    zk_env.released_after(key, time.time())
+
+
+_NO_RECORD = type("NoRecord", (), {"renewals": 0})()
