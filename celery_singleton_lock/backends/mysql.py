@@ -80,6 +80,17 @@ class _Statements:
         # Evaluated after ``token`` is assigned: the row was free (or expired) and is ours.
         took = "(expires_us <= VALUES(acquired_us) AND token = VALUES(token))"
         keep = ",\n    ".join(f"{c} = IF({took}, VALUES({c}), {c})" for c in _META)
+        # The common case, a row that exists and is free: a plain UPDATE (cheaper for
+        # InnoDB than INSERT ... ON DUPLICATE KEY UPDATE), and the row read back.
+        sets = ", ".join(f"{c} = %({c})s" for c in _META if c != "acquired_at")
+        self.take = f"""
+UPDATE {locks} SET token = %(token)s, fence = GREATEST(last_fence + 1, {NOW}),
+    last_fence = fence, acquired_us = {NOW}, {sets},
+    acquired_at = COALESCE(%(acquired_at)s, {NOW} / 1000000),
+    expires_us = {NOW} + %(ttl_ms)s * 1000
+WHERE lock_key = %(key)s AND expires_us <= {NOW};
+SELECT token = %(token)s, fence, owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
+WHERE lock_key = %(key)s"""
         self.acquire = _INSERT.format(
             locks=locks, now=NOW, fence=NOW, mine="OR token = VALUES(token)", took=took,
             new_fence="GREATEST(last_fence + 1, VALUES(fence))", keep=keep,
@@ -355,9 +366,15 @@ class MySQLBackend(SQLBackend):
 
     def op_acquire(self, conn: Any, t: TableNames, key: str, token: str, ttl_ms: int,
                    cols: Columns) -> tuple[bool, int, str | None, int]:
-        rows = self._one_set(conn, self.st(t).acquire, self._args(key, token, ttl_ms, cols))
-        if not rows:  # swept between the two statements: it was not taken
-            return False, 0, None, -1
+        s = self.st(t)
+        args = self._args(key, token, ttl_ms, cols)
+        (updated, _), (_, rows) = self._multi(conn, s.take, args)
+        if not rows or (not updated and rows[0][0] and int(rows[0][3]) > 0):
+            # No row yet (insert it), or the lock is already ours (refresh it): the
+            # statement that does both, atomically.
+            rows = self._one_set(conn, s.acquire, args)
+            if not rows:  # swept between the two statements: it was not taken
+                return False, 0, None, -1
         mine, fence, owner, pttl = rows[0]
         if mine and int(pttl) > 0:
             return True, int(fence), None, -1
