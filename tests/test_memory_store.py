@@ -92,6 +92,11 @@ def test_acquire_a_free_key_starts_its_counter_at_the_clock_in_microseconds(
     assert view.fields == {"owner": "task-1", "pid": "42"}  # text, and never the token
 
 
+def test_a_clock_at_zero_still_gives_a_positive_fence() -> None:
+    member = MemoryMember(clock=ManualClock(0.0))
+    assert acquire(member, _key(), "t1").fence == 1
+
+
 def test_a_second_token_is_refused_with_the_holder_and_its_remaining_ttl(
         member: MemoryMember, clock: ManualClock) -> None:
     key = _key()

@@ -431,12 +431,14 @@ class MemoryMember(QuorumMember):
 
     def _take_fence(self, key: str, fence_ttl_ms: int, now: float) -> int:
         """One more acquisition of ``key``: its counter grows (or starts at the clock's time
-        in microseconds) and lives ``fence_ttl_ms`` more."""
+        in microseconds, and at 1 at least: 0 stands for no fence) and lives
+        ``fence_ttl_ms`` more."""
         base = slot_base(key)
         expires = now + int(fence_ttl_ms) / 1000.0
         counter = self._state.counter(base, now)
         if counter is None:
-            counter = self._state.counters[base] = _Counter(int(now * 1_000_000), expires)
+            counter = self._state.counters[base] = _Counter(max(1, int(now * 1_000_000)),
+                                                            expires)
         else:
             counter.value += 1
             counter.expires = expires
