@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -908,3 +909,41 @@ def test_real_workers_never_run_two_bodies_of_one_signature_at_once_on_memcached
         app_env.gone_after(mc_app.guarded.lock_key_for(slot, hold_s), time.time())
     finally:
         app_env.stop_workers(workers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crawler", [True, False], ids=["metadump", "no_lru_crawler"])
+def test_celery_locks_list_on_memcached(crawler: bool) -> None:
+    """``celery locks list`` lists memcached's locks through metadump; on a server without
+    the LRU crawler it exits with an error naming the server and why, and ``locks show``
+    still reads the one key."""
+    import subprocess
+
+    extra = () if crawler else ("-o", "no_lru_crawler")
+    key = "csl:mc.sleeper:{cli}"
+    with MemcachedServer(extra_args=extra) as s:
+        store = open_store(s.url, socket_timeout=0.5)
+        try:
+            assert store.acquire(key, "tok", 30.0, [("owner", "task-1"), ("task", "mc.sleeper"),
+                                                    ("hostname", "w1"), ("pid", 12)]).acquired
+            env = dict(os.environ, CSL_TEST_LOCK_URL=s.url, CSL_TEST_BROKER="memory://",
+                       PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+
+            def cli(*args: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [sys.executable, "-m", "celery", "-A", "tests.apps.mc_app", "locks", *args],
+                    env=env, capture_output=True, text=True, timeout=60)
+
+            listed = cli("list", "--json")
+            shown = cli("show", key)
+        finally:
+            store.close()
+    assert shown.returncode == 0 and "task-1" in shown.stdout
+    if crawler:
+        assert listed.returncode == 0, listed.stderr
+        [row] = json.loads(listed.stdout)
+        assert (row["key"], row["task_id"], row["masters"]) == (key, "task-1", 1)
+    else:
+        assert listed.returncode != 0
+        assert f"cannot list the locks on {s.url}: it has no lru_crawler metadump" in \
+            listed.stderr
