@@ -10,6 +10,7 @@ memcached counts expiry in whole seconds, so the tests that wait for a lock to l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -947,3 +948,100 @@ def test_celery_locks_list_on_memcached(crawler: bool) -> None:
         assert listed.returncode != 0
         assert f"cannot list the locks on {s.url}: it has no lru_crawler metadump" in \
             listed.stderr
+
+
+_STOPPED_HOLDER = r"""
+import sys
+from celery_singleton_lock import Redlock
+
+lock = Redlock(sys.argv[2], url=sys.argv[1], ttl=1.0)
+assert lock.acquire(blocking=False)
+print(lock.key, lock.fencing_token, flush=True)
+sys.stdin.readline()          # stopped here (SIGSTOP) past its ttl
+print(lock.owned(), lock.extend(), lock.release(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_holder_stopped_past_its_ttl_never_removes_its_successors_lock(
+        mcd: MemcachedServer, tmp_path: Path) -> None:
+    """A process holding a 1 s lock is frozen (SIGSTOP) until another takes the lapsed lock;
+    thawed, it finds the lock not its own and neither renews nor removes the successor's."""
+    import subprocess
+
+    from celery_singleton_lock import Redlock
+
+    name = f"stopped-{uuid.uuid4().hex}"
+    script = tmp_path / "holder.py"
+    script.write_text(_STOPPED_HOLDER)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    holder = subprocess.Popen([sys.executable, str(script), mcd.url, name], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        key, fence = holder.stdout.readline().split()
+        os.kill(holder.pid, signal.SIGSTOP)
+        successor = Redlock(name, url=mcd.url, ttl=30.0)
+        wait_until(lambda: successor.acquire(blocking=False), 5.0, interval_s=0.05,
+                   message="the frozen holder's lock to lapse")
+        assert successor.fencing_token > int(fence)
+        before = raw(mcd, key)
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        owned, extended, released = holder.stdout.readline().split()
+        assert (owned, extended, released) == ("False", "False", "False")
+        assert raw(mcd, key) == before and successor.owned()
+        assert successor.release()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.wait(10)
+        for stream in (holder.stdin, holder.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def test_threads_sharing_one_quorum_store_never_hold_one_key_at_once(
+        trio: list[MemcachedServer]) -> None:
+    """One store object, used by 6 threads at once on one key of a 3-server quorum: never two
+    holders, and the fencing tokens seen inside grow with every acquisition."""
+    store = open_store([s.url for s in trio], socket_timeout=0.5)
+    key = new_key()
+    inside = 0
+    top = 0
+    fences: list[int] = []
+    errors: list[BaseException] = []
+    guard = threading.Lock()
+
+    def worker(n: int) -> None:
+        nonlocal inside, top
+        try:
+            for i in range(40):
+                tok = f"{n}-{i}"
+                got = store.acquire(key, tok, 10.0, [("owner", tok)])
+                if not got.acquired:
+                    continue
+                with guard:
+                    inside += 1
+                    top = max(top, inside)
+                    fences.append(got.fence)
+                time.sleep(0.001)
+                with guard:
+                    inside -= 1
+                assert store.release(key, tok)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        store.close()
+    assert not errors, errors
+    assert top == 1 and len(fences) >= 6
+    assert fences == sorted(set(fences))
