@@ -235,6 +235,17 @@ def test_fences_grow_strictly_over_acquisitions_of_one_key(
     assert fences == sorted(set(fences)), fences
 
 
+def test_begin_acquire_then_finish_is_an_acquire(kind: str, store: LockBackend) -> None:
+    key, tok = new_key(), token()
+    started = store.begin_acquire(key, tok, 30.0, meta("early"))
+    result = started.finish()
+    assert result.acquired and result.fence > 0 and result.key == key, result
+    assert started.finish() == result  # read once
+    refused = store.begin_acquire(key, token(), 30.0, meta("late")).finish()
+    assert not refused.acquired and refused.holder == "early"
+    assert store.owned(key, tok)
+
+
 def test_release_is_owner_checked(kind: str, store: LockBackend) -> None:
     key, tok = new_key(), token()
     take(store, key, tok, owner="holder-1")
@@ -252,6 +263,22 @@ def test_owned_and_holder(kind: str, store: LockBackend) -> None:
     assert store.acquire(key, tok, 30.0).acquired  # no metadata: a holder without owner id
     assert store.holder(key) == ""
     assert store.owned(key, tok) and not store.owned(key, token())
+
+
+def test_release_later_frees_the_lock_within_1s_and_reports_one_that_was_not_ours(
+        kind: str, store: LockBackend) -> None:
+    key, tok = new_key(), token()
+    take(store, key, tok, owner="task-1")
+    lost = threading.Event()
+    store.release_later(key, token(), on_lost=lost.set)  # another token: not released
+    assert lost.wait(5.0), "on_lost never ran for a lock that was not ours"
+    assert store.owned(key, tok)
+    kept = threading.Event()
+    store.release_later(key, tok, deadline=store.clock() + 30.0, on_lost=kept.set)
+    wait_until(lambda: store.holder(key) is None, 1.0, interval_s=0.01,
+               message="the lock gone after release_later")
+    assert take(store, key, token()) > 0
+    assert not kept.wait(0.2)
 
 
 def test_a_lapsed_lock_is_not_its_old_tokens_and_fences_still_grow(
@@ -500,6 +527,12 @@ def test_list_locks_by_prefix_pattern_and_limit_reads_every_page(
     errors: list[str] = []
     assert store.list_locks(prefix, pattern=f"{prefix}:nothing:*", errors=errors) == []
     assert errors == []
+    assert sorted(store.lock_keys(prefix, pattern=f"{prefix}:task.b:*")) == b_keys
+    # celery locks purge: every lock listed is released, once.
+    assert store.force_release_many(only_b) == len(b_keys)
+    assert store.list_locks(prefix, pattern=f"{prefix}:task.b:*") == []
+    assert store.force_release_many(only_b) == 0
+    assert len(store.list_locks(prefix, pattern=f"{prefix}:*")) == len(a_keys)
 
 
 def test_list_locks_without_a_pattern_lists_the_keys_under_the_key_prefix(
