@@ -302,6 +302,25 @@ def test_a_lapsed_lock_is_not_its_old_tokens_and_fences_still_grow(
     assert store.holder(key) == "successor"
 
 
+def test_a_session_store_ends_its_locks_with_the_session(
+        kind: str, store: LockBackend, open_store: Callable[..., LockBackend]) -> None:
+    need(kind, store, Capability.SESSION)
+    key, old = new_key(), token()
+    fence = take(store, key, old)
+    store.close()  # the session ends: so do its locks
+    other, new = open_store(), token()
+
+    def successor() -> AcquireResult | None:
+        result = other.acquire(key, new, 30.0, meta("successor"))
+        return result if result.acquired else None
+
+    taken = wait_until(successor, LAPSE_BOUND_S, message="the lock of a closed session taken")
+    assert taken.fence > fence
+    assert store.extend(key, old, 30.0) is False  # reopened: not the old session's lock
+    assert store.release(key, old) is False
+    assert other.holder(key) == "successor"
+
+
 def test_extend_many_renews_every_lock_it_holds_and_no_other(
         kind: str, store: LockBackend) -> None:
     tok = token()
