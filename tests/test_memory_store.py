@@ -7,9 +7,12 @@ Each operation is checked against what the Redis store's script of the same name
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -578,6 +581,25 @@ def test_concurrent_acquisitions_give_one_holder_and_distinct_fences(
         thread.join(30)
     assert inside == [0, 1]
     assert won and len(set(fences)) == len(fences) == len(won)
+
+
+def test_a_forked_child_does_not_inherit_a_held_state_lock() -> None:
+    member = MemoryMember(f"forked-{uuid.uuid4().hex}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+        with member._state.lock:  # another thread inside an operation at the fork
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child: never back into pytest
+                code = 1
+                try:
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                    signal.alarm(5)  # a deadlock ends the child with SIGALRM
+                    ok = member.run([Ping(), Acquire(_key(), "t", 1000, FENCE_TTL_MS)])
+                    code = 0 if ok[0] is True and ok[1].acquired else 2
+                finally:
+                    os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # -- the quorum helper -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -292,15 +293,36 @@ SWEEP_EVERY = 4096
 
 _named: dict[str, _State] = {}
 _named_lock = threading.Lock()
+#: Every state, so that a forked child gets fresh locks.
+_states: weakref.WeakSet[_State] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A lock another thread held at the fork would stay held in the child forever: give the
+    child's copies fresh ones (the child's state is its own from here on)."""
+    global _named_lock
+    _named_lock = threading.Lock()
+    for state in list(_states):
+        state.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _new_state(clock: Callable[[], float] | None) -> _State:
+    state = _State(clock or time.monotonic)
+    _states.add(state)
+    return state
 
 
 def _state_for(name: str, clock: Callable[[], float] | None) -> _State:
     if not name:
-        return _State(clock or time.monotonic)
+        return _new_state(clock)
     with _named_lock:
         state = _named.get(name)
         if state is None:
-            state = _named[name] = _State(clock or time.monotonic)
+            state = _named[name] = _new_state(clock)
         elif clock is not None and clock is not state.clock:
             raise LockConfigError(
                 f"the in-memory lock store memory://{name} already runs on another clock "
