@@ -8,6 +8,11 @@ store passes on all. A store without a capability skips those tests, naming it.
 
 Timing assertions carry margins for a loaded two-core machine; the wake latencies measured
 are written to the terminal at the end of the module.
+
+A kinds module (tests/kinds_*.py) lists its kinds in ``KINDS`` and gives each a session
+fixture ``_store_<kind>``; a kind whose URLs can carry a password may add
+``_store_<kind>_password`` (a store behind one), else the password test skips it. A store that
+does not notify waiters may say how long it polls at most in ``poll_interval_s`` (1 s if not).
 """
 
 from __future__ import annotations
@@ -377,6 +382,8 @@ def test_wait_released_is_woken_by_a_release(
         assert other.owned(key, waiter.tok)
     _LATENCIES.setdefault(kind, []).extend(seen)
     assert max(seen) < bound, [round(s * 1000) for s in seen]
+    if Capability.NOTIFY in store.capabilities:  # SPEC 5: woken within 100 ms
+        assert statistics.median(seen) < 0.1, [round(s * 1000) for s in seen]
 
 
 def test_a_waiter_gives_up_after_its_timeout(kind: str, store: LockBackend) -> None:
