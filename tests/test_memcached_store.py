@@ -1045,3 +1045,35 @@ def test_threads_sharing_one_quorum_store_never_hold_one_key_at_once(
     assert not errors, errors
     assert top == 1 and len(fences) >= 6
     assert fences == sorted(set(fences))
+
+
+def test_a_lock_memcached_evicts_is_reported_lost_at_the_next_renewal() -> None:
+    """Under memory pressure memcached evicts by LRU, a held lock too: the renewal finds it
+    gone and the holder hears of it (``on_lost``, which LockedTask turns into
+    ``lock_on_lost``)."""
+    from celery_singleton_lock import Redlock
+
+    with MemcachedServer(memory_mb=2) as s:
+        lost = threading.Event()
+        lock = Redlock(f"evicted-{uuid.uuid4().hex}", url=s.url, ttl=3.0, renew=True,
+                       on_lost=lambda lease: lost.set())
+        assert lock.acquire(blocking=False)
+        try:
+            client = s.client()
+            try:
+                # Items of the lock's own size (memcached evicts within a slab class), far
+                # more than 2 MB holds, faster than the renewal (every ttl/3) writes it anew.
+                # Reading the lock meanwhile would keep it (an item read twice is bumped).
+                stored = mc.stored_key(lock.key)
+                size = len(client.get(stored))
+                for n in range(0, 60_000, 1000):
+                    client.set_many({f"{n + i:0{len(stored)}d}": b"v" * size
+                                     for i in range(1000)}, expire=0, noreply=False)
+                assert client.stats()[b"evictions"] > 0
+                assert client.get(mc.stored_key(lock.key)) is None, "the lock was not evicted"
+            finally:
+                client.close()
+            assert lost.wait(3.0 / 3 + 2.0), "the renewal did not report the lost lock"
+            assert not lock.owned()
+        finally:
+            assert lock.release() is False
