@@ -722,7 +722,7 @@ def _within_bound(elapsed: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_worker_success_failure_and_retry_release_within_1s(
+def test_worker_success_failure_retry_and_until_executed_release_within_1s(
         app_env: McTaskEnv, mc_worker: CeleryWorker) -> None:
     from tests.apps import mc_app
 
@@ -746,6 +746,13 @@ def test_worker_success_failure_and_retry_release_within_1s(
                   "self.retry()")
     assert not app_env.records.exists(f"{tag}:end")  # released before the retry ran
     assert result.get(timeout=15) == 1
+
+    # until_executed: taken at enqueue, handed over to the worker, released at the end.
+    tag = _tag()
+    result = mc_app.queued.apply_async((tag,), queue=WORKER_QUEUE)
+    key = mc_app.queued.lock_key_for(tag)
+    _within_bound(app_env.gone_after(key, app_env.recorded(tag, "end")), "until_executed")
+    assert result.get(timeout=10) == "ran"
 
 
 @pytest.mark.slow
