@@ -1084,3 +1084,36 @@ def test_a_lock_memcached_evicts_is_reported_lost_at_the_next_renewal() -> None:
             assert not lock.owned()
         finally:
             assert lock.release() is False
+
+
+def test_a_forked_child_opens_its_own_connections(trio: list[MemcachedServer]) -> None:
+    """After a fork the child never uses (or closes) the parent's sockets: it opens its own,
+    and the parent's go on working."""
+    store = open_store([s.url for s in trio], socket_timeout=0.5)
+    try:
+        key = new_key()
+        assert store.acquire(key, "parent", 30.0).acquired
+        parent_ports = {c.sock.getsockname()[1] for m in store.members
+                        for c in m._pool._idle if c.sock is not None}
+        assert len(parent_ports) >= 3
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: renew through the same store object, report, go
+            code = 1
+            try:
+                ok = store.extend(key, "parent", 30.0) is True
+                ports = {c.sock.getsockname()[1] for m in store.members
+                         for c in m._pool._idle if c.sock is not None}
+                os.write(write_end, json.dumps(sorted(ports)).encode())
+                code = 0 if ok else 2
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(read_end) as pipe:
+            child_ports = set(json.loads(pipe.read() or "[]"))
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert child_ports and not child_ports & parent_ports
+        assert store.extend(key, "parent", 30.0) is True and store.release(key, "parent")
+    finally:
+        store.close()
