@@ -1117,3 +1117,34 @@ def test_a_forked_child_opens_its_own_connections(trio: list[MemcachedServer]) -
         assert store.extend(key, "parent", 30.0) is True and store.release(key, "parent")
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_servers_restarted_one_at_a_time_never_leave_the_holder_short_of_a_quorum(
+        trio: list[MemcachedServer]) -> None:
+    """SPEC 7 on memcached: each restart empties one server; the next renewal puts the lock
+    back there (Restore), so the holder keeps a quorum and a duplicate never gets one."""
+    from celery_singleton_lock import Redlock
+
+    urls = [s.url for s in trio]
+    ttl = 3.0
+    name = f"restarts-{uuid.uuid4().hex}"
+    holder = Redlock(name, url=urls, ttl=ttl, renew=True)
+    assert holder.acquire(blocking=False)
+    duplicate = Redlock(name, url=urls, ttl=ttl)
+    try:
+        fence = holder.fencing_token
+        for server in trio:
+            server.restart()
+            assert raw(server, holder.key) is None
+            # Back on the restarted server within a renewal (every ttl/3), token and all.
+            wait_until(lambda s=server: (raw(s, holder.key) or {}).get("t") == holder.token,
+                       ttl / 3 + 2.0, interval_s=0.05, message=f"the lock back on {server.url}")
+            assert not duplicate.acquire(blocking=False)
+        assert holder.owned()
+        # Each server's counter was raised to the holder's fence: the next one is larger.
+        assert holder.release()
+        assert duplicate.acquire(blocking=False) and duplicate.fencing_token > fence
+    finally:
+        holder.release()
+        duplicate.release()
