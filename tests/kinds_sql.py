@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from urllib.parse import urlsplit
 
 import pytest
@@ -89,10 +89,8 @@ def mysql_database(base: str = MYSQL_SERVER) -> Iterator[str]:
                 cur.execute("SELECT id FROM information_schema.processlist WHERE db = %s",
                             (name,))
                 for (pid,) in cur.fetchall():
-                    try:
+                    with suppress(Exception):  # it may have gone meanwhile
                         cur.execute(f"KILL CONNECTION {int(pid)}")
-                    except Exception:
-                        pass
                 cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         finally:
             admin.close()

@@ -8,6 +8,7 @@ are killed by the server (``pg_terminate_backend``, ``KILL CONNECTION``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -102,10 +103,8 @@ def kill_sessions(url: str) -> int:
         if url.startswith("postgres"):
             admin_sql(url, "SELECT pg_terminate_backend(%s)", (pid,))
         else:
-            try:
+            with contextlib.suppress(Exception):  # it may have gone meanwhile
                 admin_sql(url, f"KILL CONNECTION {int(pid)}")
-            except Exception:
-                pass
     return len(ids)
 
 
@@ -470,7 +469,7 @@ def test_waiters_are_woken_by_a_release(store: LockBackend, key: str, kind: str)
         released_at: list[float] = []
         woke: list[float] = []
 
-        def tried(k: str = k) -> bool:
+        def tried(k: str = k, woke: list[float] = woke) -> bool:
             if store.acquire(k, "w", 5.0).acquired:
                 woke.append(time.monotonic())
                 return True
@@ -960,8 +959,6 @@ def test_an_unreachable_database_requeues_and_nothing_runs_unlocked(
     (``lock_on_backend_error="requeue"``), none runs unlocked, and all run, each under its
     lock, once the database is back."""
     import json
-
-    from tests.apps import sql_app
 
     parts = urlsplit(sql_env.store_url)
     relay = Relay(parts.hostname or "127.0.0.1", parts.port or 5432)

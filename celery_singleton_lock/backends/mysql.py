@@ -24,6 +24,7 @@ waiting task, and an acquire attempt when the row is free.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -209,7 +210,7 @@ class MySQLBackend(SQLBackend):
 
     def __init__(self, url: str, params: dict[str, Any], *, socket_timeout: float,
                  fence_ttl_ms: int) -> None:
-        import pymysql
+        import pymysql  # type: ignore[import-untyped]
 
         super().__init__(url, socket_timeout=socket_timeout, fence_ttl_ms=fence_ttl_ms)
         self._pymysql = pymysql
@@ -300,10 +301,8 @@ class MySQLBackend(SQLBackend):
         return True
 
     def discard(self, conn: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):
             conn.close()
-        except Exception:
-            pass
 
     def connection_lost(self, conn: Any, exc: BaseException) -> bool:
         err = self._pymysql.err
@@ -414,10 +413,8 @@ class MySQLBackend(SQLBackend):
             got = self._one_set(conn, s.take_slot, args)
             conn.commit()
         except BaseException:
-            try:
+            with contextlib.suppress(Exception):
                 conn.rollback()
-            except Exception:
-                pass
             raise
         if got and got[0][0]:
             return True, int(got[0][1]), None, -1, free
@@ -516,10 +513,8 @@ class MySQLBackend(SQLBackend):
             conn.commit()
             return 1
         except BaseException:
-            try:
+            with contextlib.suppress(Exception):
                 conn.rollback()
-            except Exception:
-                pass
             raise
 
     def op_last_runs(self, conn: Any, t: TableNames, state_key: str) -> dict[str, float]:

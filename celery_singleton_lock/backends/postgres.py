@@ -21,6 +21,7 @@ one store: libpq connects to whichever host is the primary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -296,10 +297,8 @@ class PostgresBackend(SQLBackend):
         return not socket_readable(conn.fileno())
 
     def discard(self, conn: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):
             conn.close()
-        except Exception:
-            pass
 
     def connection_lost(self, conn: Any, exc: BaseException) -> bool:
         return bool(conn.closed or conn.broken)
@@ -615,10 +614,8 @@ class _Listener:
                 backoff = min(backoff * 2, 2.0)
             finally:
                 if conn is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         conn.close()
-                    except Exception:
-                        pass
         for fd in (self._r, self._w):
             try:
                 os.close(fd)

@@ -28,6 +28,8 @@ share a table). Tables are created on first use; the README gives their DDL.
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -45,7 +47,6 @@ from typing import Any, ClassVar
 from ..errors import LockBackendError, LockConfigError
 from ..urls import redact_url
 from .base import (
-    FENCE_TTL_MS,
     AcquireResult,
     Capability,
     FixedMetadata,
@@ -330,8 +331,9 @@ class SQLBackend(LockBackend):
     schemes: ClassVar[tuple[str, ...]] = ()
     #: The extra that brings the driver.
     extra: ClassVar[str] = ""
-    #: Driver exceptions that mean "the database did not answer or refused".
-    driver_errors: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
+    #: Driver exceptions that mean "the database did not answer or refused" (set by each
+    #: store once its driver is imported).
+    driver_errors: tuple[type[BaseException], ...] = (OSError,)
 
     def __init__(self, url: str, *, socket_timeout: float, fence_ttl_ms: int) -> None:
         self.url = url
@@ -602,6 +604,20 @@ class SQLBackend(LockBackend):
                     self._retry.append((key, token, deadline))
             raise self.failure(f"cannot release lock {key!r}", exc, key) from exc
 
+    def _release_on(self, key: str, token: str, conn: Any) -> bool:
+        return self.op_release(conn, table_names(key), key, token)
+
+    def _extend_on(self, t: TableNames, batch: list[Renewal], count: bool,
+                   conn: Any) -> list[bool]:
+        return self.op_extend(conn, t, batch, count)
+
+    def _page_on(self, t: TableNames, low: str, high: str | None, after: str | None,
+                 conn: Any) -> list[tuple[Any, ...]]:
+        return self.op_page(conn, t, low, high, after)
+
+    def _sweep_on(self, t: TableNames, after: str, conn: Any) -> tuple[str | None, int]:
+        return self.op_sweep(conn, t, after)
+
     def retry_releases(self) -> int:
         """Try again the releases that failed and are still before their deadline; returns
         how many are still pending."""
@@ -611,9 +627,8 @@ class SQLBackend(LockBackend):
         for key, token, deadline in pending:
             if deadline <= self.clock():
                 continue
-            t = table_names(key)
             try:
-                self.run(t, lambda c, k=key, tok=token: self.op_release(c, t, k, tok),
+                self.run(table_names(key), functools.partial(self._release_on, key, token),
                          idempotent=False)
             except self.driver_errors:
                 keep.append((key, token, deadline))
@@ -630,23 +645,23 @@ class SQLBackend(LockBackend):
         open_batch: dict[str, tuple[list[int], set[str]]] = {}
         for i, item in enumerate(items):
             t = table_names(item.key)
-            idx, keys = open_batch.get(t.base, (None, None))  # type: ignore[assignment]
-            if idx is None or item.key in keys or len(idx) >= RENEW_BATCH:
-                idx, keys = [], set()
-                open_batch[t.base] = (idx, keys)
-                batches.append((t, idx))
-            idx.append(i)
-            keys.add(item.key)
+            current = open_batch.get(t.base)
+            if current is None or item.key in current[1] or len(current[0]) >= RENEW_BATCH:
+                current = ([], set())
+                open_batch[t.base] = current
+                batches.append((t, current[0]))
+            current[0].append(i)
+            current[1].add(item.key)
         for t, idx in batches:
             batch = [items[i] for i in idx]
             try:
-                answers = self.run(t, lambda c, t=t, b=batch: self.op_extend(c, t, b,
-                                                                             count_renewal))
+                answers = self.run(t, functools.partial(self._extend_on, t, batch,
+                                                        count_renewal))
             except self.driver_errors as exc:
                 logger.debug("renewal batch failed on %s: %s", self.description,
                              self.reason(exc))
                 continue  # undecided: the renewer retries
-            for i, ok in zip(idx, answers):
+            for i, ok in zip(idx, answers, strict=True):
                 results[i] = ok
         return results
 
@@ -708,7 +723,7 @@ class SQLBackend(LockBackend):
         seen = 0
         match = glob_matcher(pattern)
         while True:
-            rows = self.run(t, lambda c, a=after: self.op_page(c, t, low, high, a))
+            rows = self.run(t, functools.partial(self._page_on, t, low, high, after))
             for row in rows:
                 if int(row[-1]) <= 0:
                     continue
@@ -863,7 +878,7 @@ class SQLBackend(LockBackend):
             for _ in range(pages):
                 after = self._sweep_cursor.get(t.base, "")
                 try:
-                    last, n = self.run(t, lambda c, a=after: self.op_sweep(c, t, a))
+                    last, n = self.run(t, functools.partial(self._sweep_on, t, after))
                 except self.driver_errors as exc:
                     logger.debug("sweep of %s failed: %s", t.locks, self.reason(exc))
                     break
@@ -879,10 +894,8 @@ class SQLBackend(LockBackend):
         self._pool.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):
             self._pool.close()
-        except Exception:
-            pass
 
 
 def _after_prefix(prefix: str) -> str | None:
