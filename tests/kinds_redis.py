@@ -124,7 +124,6 @@ def _store_sentinel() -> Iterator[StoreTarget]:
 @pytest.fixture(scope="session")
 def _store_single_password() -> Iterator[str]:
     with RedisServer(password=PASSWORD) as server:
-        server.start()
         yield server.url
 
 
