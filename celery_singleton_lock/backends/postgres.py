@@ -464,13 +464,7 @@ class PostgresBackend(SQLBackend):
             return self._listener
 
     def watch(self, key: str) -> threading.Event | None:
-        t = table_names(key)
-        try:
-            with self.connection(t):
-                pass  # the table (and so the channel's sender) exists
-        except self.driver_errors:
-            pass
-        return self._get_listener().watch(t.channel, slot_base(key))
+        return self._get_listener().watch(table_names(key).channel, slot_base(key))
 
     def unwatch(self, key: str, event: threading.Event) -> None:
         listener = self._listener

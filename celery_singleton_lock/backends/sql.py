@@ -839,14 +839,16 @@ class SQLBackend(LockBackend):
     # -- housekeeping ------------------------------------------------------------------------
 
     def _maybe_sweep(self, key: str) -> None:
-        """After an acquisition: sweep one page of its table if none was swept lately (so
-        a table is swept even by a process that never calls :meth:`maintain`)."""
+        """After an acquisition: schedule the sweep of its table (:meth:`maintain` runs it in
+        the renewal thread), or sweep one page at once where nothing ran it for long."""
         t = table_names(key)
         due = self._next_sweep.get(t.base)
         now = self.clock()
         if due is None:
             self._next_sweep[t.base] = now + SWEEP_INTERVAL_S * random.uniform(0.5, 1.5)
-        elif due <= now:
+        elif due + 2 * SWEEP_INTERVAL_S <= now:
+            # Long overdue: no renewal thread calls maintain() here (a process that only
+            # enqueues). Sweep one page in line.
             self.sweep(t.prefix)
 
     def needs_maintenance(self) -> bool:
