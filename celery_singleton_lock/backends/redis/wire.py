@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Protocol
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._process import current_pid
@@ -494,31 +494,48 @@ class ClusterNode:
     """A Redis Cluster, seen as one master: every key of one lock lives in one slot."""
 
     def __init__(self, url: str, *, socket_timeout: float) -> None:
-        from redis.cluster import RedisCluster
-
         self.url = url
         self.name = redact_url(url)
-        plain = url.replace("+cluster", "", 1)
         self._socket_timeout = socket_timeout
-        try:
-            self.cluster = RedisCluster.from_url(
-                plain,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                **_QUIET_CONNECT,
-            )
-        except (RedisError, OSError) as exc:
-            raise LockBackendError(
-                f"cannot reach Redis Cluster {self.name}: {redact_url(str(exc))}"
-            ) from None
-        except (ValueError, TypeError) as exc:
-            raise LockConfigError(
-                f"cannot use lock store URL {self.name!r}: {redact_url(str(exc))}",
-                setting="singleton_lock_url",
-            ) from None
+        self._lock = threading.Lock()
+        self._cluster: Any = None
+        self._open()  # a bad URL or an unreachable cluster fails here, at once
+
+    def _open(self) -> Any:
+        """redis-py's cluster client, made again after :meth:`close` on next use."""
+        from redis.cluster import RedisCluster
+
+        with self._lock:
+            if self._cluster is not None:
+                return self._cluster
+            try:
+                self._cluster = RedisCluster.from_url(
+                    self.url.replace("+cluster", "", 1),
+                    socket_timeout=self._socket_timeout,
+                    socket_connect_timeout=self._socket_timeout,
+                    **_QUIET_CONNECT,
+                )
+            except (RedisError, RedisClusterException, OSError) as exc:
+                raise LockBackendError(
+                    f"cannot reach Redis Cluster {self.name}: {redact_url(str(exc))}"
+                ) from None
+            except (ValueError, TypeError) as exc:
+                raise LockConfigError(
+                    f"cannot use lock store URL {self.name!r}: {redact_url(str(exc))}",
+                    setting="singleton_lock_url",
+                ) from None
+            return self._cluster
+
+    @property
+    def cluster(self) -> Any:
+        return self._cluster if self._cluster is not None else self._open()
 
     def send(self, calls: Sequence[Call], packed: bytes | None = None) -> Pending:
-        return _ClusterPending(self.cluster, calls)
+        try:
+            cluster = self.cluster
+        except LockBackendError as exc:
+            return _failed(calls, exc)
+        return _ClusterPending(cluster, calls)
 
     def client(self) -> Any:
         return self.cluster
@@ -528,7 +545,10 @@ class ClusterNode:
         return _ThreadSubscription(self.cluster.pubsub(), channel)
 
     def close(self) -> None:
-        self.cluster.close()
+        with self._lock:
+            cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            cluster.close()
 
     def __repr__(self) -> str:
         return f"ClusterNode({self.name!r})"
@@ -549,7 +569,7 @@ class _ClusterPending:
             for call in calls:
                 pipe.execute_command(*call.packed())
             replies: Replies = list(pipe.execute(raise_on_error=False))
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             return [exc] * len(calls)
         for i, reply in enumerate(replies):
             if isinstance(reply, NoScriptError):
@@ -568,7 +588,7 @@ class _ClusterPending:
     def _safe(fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return fn(*args)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             return exc
 
 
