@@ -173,6 +173,7 @@ class Renewal(NamedTuple):
 class LockView:
     """One member's copy of a lock: held or not, its token, ttl and holder metadata."""
 
+    #: The member's printable name (password-free), not the lock's key.
     name: str
     held: bool
     token: str = ""
@@ -288,6 +289,9 @@ class LockBackend(abc.ABC):
     quorum: int = 1
     #: Lifetime of a fencing counter after the key's last acquisition, ms.
     fence_ttl_ms: int = FENCE_TTL_MS
+    #: Longest a waiter sleeps between tries where the store has no release notification
+    #: (:attr:`Capability.NOTIFY`), seconds.
+    poll_interval_s: float = 1.0
 
     @classmethod
     @abc.abstractmethod
@@ -305,8 +309,9 @@ class LockBackend(abc.ABC):
                 metadata: Sequence[tuple[str, Any]] = (),
                 fixed: FixedMetadata | None = None) -> AcquireResult:
         """Take ``key`` for ``token`` for ``ttl_s`` if it is free (or already ``token``'s: its
-        ttl is refreshed). Acquired: the fencing token, larger than any given before for this
-        key. Not acquired: the holder's owner id and remaining ttl."""
+        ttl is refreshed and its fencing token stays the same). Acquired: the fencing token,
+        larger than any given before for this key. Not acquired: the holder's owner id and
+        remaining ttl."""
 
     def begin_acquire(self, key: str, token: str, ttl_s: float,
                       metadata: Sequence[tuple[str, Any]] = (),
@@ -406,9 +411,10 @@ class LockBackend(abc.ABC):
     @abc.abstractmethod
     def list_locks(self, prefix: str, *, pattern: str | None = None, limit: int | None = None,
                    errors: list[str] | None = None) -> list[LockRecord]:
-        """Held locks whose keys start with ``prefix`` (and match the glob ``pattern`` when
-        given), read in bounded pages, at most ``limit``. Members that could not be read are
-        described in ``errors``."""
+        """Held locks under the key prefix ``prefix``: keys ``<prefix>:...``, as
+        ``singleton_lock_key_prefix`` makes them (``csl`` lists ``csl:...``, never
+        ``cslx:...``), matching the glob ``pattern`` when given, read in bounded pages, at
+        most ``limit``. Members that could not be read are described in ``errors``."""
 
     @abc.abstractmethod
     def lock_info(self, key: str) -> LockRecord | None:
@@ -452,7 +458,7 @@ class LockBackend(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Close every connection (a closed store may reopen them on next use)."""
+        """Close every connection; a closed store opens them again on its next use."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description!r})"
@@ -676,8 +682,9 @@ class QuorumMember(abc.ABC):
 
     @abc.abstractmethod
     def scan(self, prefix: str, pattern: str | None, limit: int | None) -> list[str]:
-        """Lock keys under ``prefix`` (matching ``pattern``), read in bounded pages. Fencing
-        counters, follow-up keys and beat state are not lock keys. Raise on failure."""
+        """Lock keys ``<prefix>:...`` (matching the glob ``pattern`` when given, which then
+        decides alone), read in bounded pages. Fencing counters, follow-up keys and beat state
+        are not lock keys. Raise on failure."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -181,6 +181,9 @@ class Quorum(LockBackend):
         #: Publish releases so waiters wake at once (disable only to measure the cost).
         self.notify = notify
         self.fence_ttl_ms = max(1, int(fence_ttl_ms))
+        #: Members without notifications are polled this often by waiters, at most.
+        self.poll_interval_s = POLL_S if any(Capability.NOTIFY not in m.capabilities
+                                             for m in self.members) else 1.0
         caps = frozenset.intersection(*(frozenset(m.capabilities) for m in self.members))
         self.capabilities = caps - {Capability.QUORUM_MEMBER}  # type: ignore[misc]
         self._cleanup_lock = threading.Lock()
