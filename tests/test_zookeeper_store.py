@@ -535,7 +535,9 @@ def test_released_keys_leave_no_parent_and_listing_sweeps_empty_ones(
         assert store.acquire(key, t, 30.0).acquired
     for key, t in zip(keys, tokens, strict=True):
         assert store.release(key, t)
-        assert not raw.exists(parent_path(url, key))
+    # The parent's delete follows the node's in the same pipeline, unanswered.
+    wait_until(lambda: not any(raw.exists(parent_path(url, k)) for k in keys), 5,
+               message="every parent removed")
     stale = new_key()
     raw.ensure_path(parent_path(url, stale))  # as a crash between two writes would leave
     assert store.list_locks("csl:zk.test") == []
@@ -837,22 +839,24 @@ def test_a_body_holding_the_gil_keeps_its_lock_past_the_childs_session_timeout(
     process adopted the lock at its first renewal, so the lock follows its session."""
     from tests.apps import zk_app
 
-    started = time.monotonic()
-    sum(range(10**7))
-    n = int(10**7 * (3 * WORKER_SESSION_S) / max(time.monotonic() - started, 1e-3))
+    seconds = 3 * WORKER_SESSION_S
     tag = _tag()
-    result = zk_app.hog.apply_async((tag, n), queue="zk")
+    result = zk_app.hog.apply_async((tag, seconds), queue="zk")
     info = zk_env.started(tag)
-    key = zk_app.hog.lock_key_for(tag, n)
+    key = zk_app.hog.lock_key_for(tag, seconds)
     holders = []
     while not zk_env.records.exists(f"{tag}:end"):
         holders.append(zk_env.store.holder(key))
-        assert holders[-1] == result.id, f"lost while the body ran: {holders[-5:]}"
+        if holders[-1] is None and zk_env.records.exists(f"{tag}:end"):
+            break  # the body ended and released meanwhile
+        assert holders[-1] == result.id, (
+            f"lost {time.time() - info['time']:.2f} s into the body ({len(holders)} checks)\n"
+            f"{zk_worker.describe()}")
         time.sleep(0.05)
     end = json.loads(zk_env.records.get(f"{tag}:end") or "{}")
-    assert end["took"] > 2 * WORKER_SESSION_S, end  # it did starve the child's session
+    assert end["took"] > WORKER_SESSION_S + 0.5, end  # past the child's session timeout
     assert end["held"] is True
-    assert result.get(timeout=10) == sum(range(n)) % 1000
+    assert isinstance(result.get(timeout=10), int)
     print(f"GIL held {end['took']:.1f} s in one call (session timeout {WORKER_SESSION_S} s): "
           f"lock held throughout ({len(holders)} checks), pid {info['pid']}")
     zk_env.released_after(key, time.time())

@@ -82,6 +82,8 @@ PAGE = 64
 #: Longest a waiter sleeps between attempts when no watch fired (a missed watch, a
 #: coalesce claim to keep alive), seconds.
 WAKE_S = 2.0
+#: An acquire looks at the line first for this long after it found a key's parent, seconds.
+BUSY_S = 5.0
 #: Tries of an optimistic update (a version-checked write that lost a race).
 TRIES = 8
 
@@ -250,6 +252,11 @@ class _Ticket:
         self.czxid = czxid
 
 
+#: An acquire's outcome: acquired, fence, holder's owner id, node path, slot number, and the
+#: data written (None when not known).
+_Taken = tuple[bool, int, "str | None", str, int, "dict[str, str] | None"]
+
+
 class _Down(Exception):
     """The ensemble did not answer (connection lost, session expired, timeout)."""
 
@@ -303,6 +310,10 @@ class ZooKeeperBackend(LockBackend):
         self._connected = threading.Event()
         #: (lock key, token) -> the holder node's path, for this process's own locks.
         self._paths: dict[tuple[str, str], str] = {}
+        #: lock key -> when its parent was last found there (an acquire then looks first).
+        self._busy: dict[str, float] = {}
+        #: (lock key, token) -> the node's data as last written by this process.
+        self._held: dict[tuple[str, str], dict[str, str]] = {}
         #: (thread, lock key) -> the ticket of a wait in progress.
         self._tickets: dict[tuple[int, str], _Ticket] = {}
         #: (thread, lock key) -> the owner id of the last attempt (a waiter's ticket names it).
@@ -359,6 +370,7 @@ class ZooKeeperBackend(LockBackend):
                 self._zk = None
                 self._connected = threading.Event()
                 self._paths.clear()
+                self._held.clear()
                 self._tickets.clear()
                 self._orphans.clear()
                 self._retries.clear()
@@ -526,15 +538,21 @@ class ZooKeeperBackend(LockBackend):
             return None
         return (path, int(stat.version)) if data == token.encode() else None
 
-    def _remember(self, key: str, token: str, path: str) -> None:
+    def _remember(self, key: str, token: str, path: str,
+                  fields: dict[str, str] | None = None) -> None:
+        """Keep the path of a lock this process holds, and its data (renewal rewrites it)."""
         with self._mutex:
             if len(self._paths) > 100_000:
                 self._paths.clear()
+                self._held.clear()
             self._paths[(key, token)] = path
+            if fields is not None:
+                self._held[(key, token)] = fields
 
     def _forget(self, key: str, token: str) -> None:
         with self._mutex:
             self._paths.pop((key, token), None)
+            self._held.pop((key, token), None)
 
     # -- metadata ----------------------------------------------------------------------------
 
@@ -625,10 +643,10 @@ class ZooKeeperBackend(LockBackend):
         except _Down as exc:
             return AcquireResult(False, 0, 0.0, started, None, -1, True,
                                  (f"{self.description}: {exc}",), "")
-        acquired, fence, holder, path, index = taken
+        acquired, fence, holder, path, index, written = taken
         if not acquired:
             return AcquireResult(False, 0, 0.0, started, holder, -1, False, (), "")
-        self._remember(key, token, path)
+        self._remember(key, token, path, written)
         validity = max(0.0, ttl_s - (self.clock() - started))
         return AcquireResult(True, fence, validity, started, None, -1, False, (),
                              f"{key}:slot:{index}" if slot else key)
@@ -655,13 +673,21 @@ class ZooKeeperBackend(LockBackend):
         return self._load(data).get("owner", ""), True
 
     def _take_fresh(self, zk: Any, key: str, token: str, limit: int, fields: dict[str, str],
-                    slot: bool) -> tuple[bool, int, str | None, str, int]:
+                    slot: bool) -> _Taken:
         """Put a node in line; keep it if it is among the ``limit`` first, else remove it."""
         from kazoo.exceptions import NoNodeError
 
         parent = self._parent(key)
         prefix = f"{parent}/{_LOCK}{_encode(token)}-"
         data = self._dump(fields)
+        with self._mutex:
+            busy = self._busy.get(key, -BUSY_S) > self.clock() - BUSY_S
+        if not busy:
+            # A key not seen held lately is most likely free, its parent removed by its last
+            # release: make the parent and the lock in one round trip.
+            first = self._take_new_parent(zk, parent, prefix, token, fields, slot)
+            if first is not None:
+                return first
         for _ in range(TRIES):
             # Look first: a full line refuses at once, without a node of ours in it, so a
             # refused attempt never stands in line ahead of anyone.
@@ -679,7 +705,7 @@ class ZooKeeperBackend(LockBackend):
                 owner, present = self._holder_of(zk, parent, ahead, limit)
                 if not present:
                     continue  # the one at the front left meanwhile: look again
-                return False, 0, owner, "", 0
+                return False, 0, owner, "", 0, None
             if ahead is None:
                 first = self._take_new_parent(zk, parent, prefix, token, fields, slot)
                 if first is not None:
@@ -710,10 +736,10 @@ class ZooKeeperBackend(LockBackend):
                     and n.name != name]
             if rank < limit and not mine:
                 if not slot:
-                    return True, int(stat.czxid), None, path, 0
+                    return True, int(stat.czxid), None, path, 0, fields
                 index = self._claim(zk, parent, names, limit, token, path, fields)
                 if index is not None:
-                    return True, int(stat.czxid), None, path, index
+                    return True, int(stat.czxid), None, path, index, {**fields, "slot": str(index)}
             # Not ours (or ours already by an older node): take the new node out of line.
             deleted = zk.delete_async(path)
             self._settle_delete(deleted, path)
@@ -726,12 +752,12 @@ class ZooKeeperBackend(LockBackend):
                                              limit)
             if not present and line and rank > 0:
                 continue  # the one ahead left meanwhile: look again
-            return False, 0, owner, "", 0
+            return False, 0, owner, "", 0, None
         raise _Down(f"cannot take {key!r}: the line keeps changing")
 
     def _take_new_parent(self, zk: Any, parent: str, prefix: str, token: str,
                          fields: dict[str, str],
-                         slot: bool) -> tuple[bool, int, str | None, str, int] | None:
+                         slot: bool) -> _Taken | None:
         """No parent: make it and the first node (and slot 0) in one transaction. The first
         child of a new parent has sequence 0, so its stat is asked in the same round trip.
         None when another made the parent first."""
@@ -753,15 +779,22 @@ class ZooKeeperBackend(LockBackend):
             raise
         stat = self._quiet(first)
         if not isinstance(results[0], BaseException) and stat is not None:
-            return True, int(stat.czxid), None, first_path, 0
+            return True, int(stat.czxid), None, first_path, 0, (
+                {**fields, "slot": "0"} if slot else fields)
         if isinstance(results[0], NoNodeError):
             self._ensure(zk, parent.rsplit("/", 1)[0])
-        elif not isinstance(results[0], NodeExistsError):
+        elif isinstance(results[0], NodeExistsError):
+            key = unquote(parent.rsplit("/", 1)[1])
+            with self._mutex:
+                if len(self._busy) > 10_000:
+                    self._busy.clear()
+                self._busy[key] = self.clock()
+        else:
             raise _Down(f"cannot create {parent}: {results[0]!r}")
         return None
 
     def _held_already(self, zk: Any, parent: str,
-                      node: _Node) -> tuple[bool, int, str | None, str, int] | None:
+                      node: _Node) -> _Taken | None:
         """An acquire by the token that holds the lock already: its fence and slot."""
         from kazoo.exceptions import NoNodeError
 
@@ -772,7 +805,8 @@ class ZooKeeperBackend(LockBackend):
             return None
         fields = self._load(data)
         slot = fields.get("slot", "0")
-        return True, self._fence(fields, stat), None, path, int(slot) if slot.isdigit() else 0
+        return (True, self._fence(fields, stat), None, path, int(slot) if slot.isdigit() else 0,
+                None)
 
     def _claim(self, zk: Any, parent: str, names: Sequence[str], limit: int, token: str,
                path: str, fields: dict[str, str]) -> int | None:
@@ -806,7 +840,7 @@ class ZooKeeperBackend(LockBackend):
 
     def _take_with_ticket(self, zk: Any, key: str, token: str, limit: int,
                           fields: dict[str, str], ticket: _Ticket,
-                          slot: bool) -> tuple[bool, int, str | None, str, int] | None:
+                          slot: bool) -> _Taken | None:
         """A waiter's attempt: its ticket becomes the lock once it is among the first
         ``limit``. None when the ticket is gone (the caller then tries afresh)."""
         parent = self._parent(key)
@@ -819,11 +853,11 @@ class ZooKeeperBackend(LockBackend):
                 return None
             if rank >= limit:
                 owner, _ = self._holder_of(zk, parent, line, limit)
-                return False, 0, owner, "", 0
+                return False, 0, owner, "", 0, None
             index = self._free_slot(names, limit) if slot else 0
             if index is None:
                 owner, _ = self._holder_of(zk, parent, line, limit)
-                return False, 0, owner, "", 0
+                return False, 0, owner, "", 0, None
             fields = {**fields, "fence": str(ticket.czxid)}
             if slot:
                 fields["slot"] = str(index)
@@ -841,7 +875,7 @@ class ZooKeeperBackend(LockBackend):
                 raise
             if not any(isinstance(r, BaseException) for r in results):
                 self._drop_ticket(key, ticket)
-                return True, ticket.czxid, None, path, index
+                return True, ticket.czxid, None, path, index, fields
             if slot and type(results[-1]).__name__ == "NodeExistsError":
                 continue  # another took that slot number first: choose again
             self._drop_ticket(key, ticket)
@@ -920,6 +954,10 @@ class ZooKeeperBackend(LockBackend):
 
     def extend_many(self, items: Sequence[Renewal], *,
                     count_renewal: bool = True) -> list[bool | None]:
+        """Check (and count) each lock in pipelined requests: a lock of this process is one
+        write of its cached data (or an ``exists``), whose answer tells whose session holds
+        the node; another session's lock is read first. A node held by another session is
+        adopted: re-created under this one, same name, same data, in one transaction."""
         from kazoo.exceptions import BadVersionError, NoNodeError
         from kazoo.protocol.states import KazooState
 
@@ -935,9 +973,12 @@ class ZooKeeperBackend(LockBackend):
         bases = [_split_slot(it.key)[0] for it in items]
         try:
             paths: list[str | None] = []
+            cached: list[dict[str, str] | None] = []
             with self._mutex:
                 for base, it in zip(bases, items, strict=True):
                     paths.append(self._paths.get((base, it.token)))
+                    known = self._held.get((base, it.token))
+                    cached.append(dict(known) if known is not None else None)
             listings = {b: zk.get_children_async(self._parent(b))
                         for b, p in zip(bases, paths, strict=True) if p is None}
             lines = {b: self._quiet(pending) for b, pending in listings.items()}
@@ -949,31 +990,47 @@ class ZooKeeperBackend(LockBackend):
                         verdicts[j] = False
                         continue
                     paths[j] = f"{self._parent(base)}/{node.name}"
-            reads = {j: zk.get_async(paths[j]) for j in range(len(items))
-                     if verdicts[j] is None}
+            # Phase 1: one request per lock.
+            asked: dict[int, tuple[str, Any]] = {}
+            for j in range(len(items)):
+                if verdicts[j] is not None:
+                    continue
+                fields = cached[j]
+                if fields is None:
+                    asked[j] = ("get", zk.get_async(paths[j]))
+                elif count_renewal:
+                    fields["renewals"] = str(int(fields.get("renewals", "0") or 0) + 1)
+                    asked[j] = ("set", zk.set_async(paths[j], self._dump(fields)))
+                else:
+                    asked[j] = ("exists", zk.exists_async(paths[j]))
             session = zk.client_id[0] if zk.client_id else None
             writes: dict[int, Any] = {}
-            for j, pending in reads.items():
+            for j, (how, pending) in asked.items():
                 try:
-                    data, stat = self._result(pending)
+                    answer = self._result(pending)
                 except NoNodeError:
                     verdicts[j] = False
                     continue
                 except _Down:
                     continue
-                moved = stat.ephemeralOwner != session
-                if not moved and not count_renewal:
-                    verdicts[j] = True
+                if answer is None:  # exists: no node
+                    verdicts[j] = False
                     continue
-                fields = self._load(data)
-                if count_renewal:
-                    try:
-                        fields["renewals"] = str(int(fields.get("renewals", "0")) + 1)
-                    except ValueError:
-                        fields["renewals"] = "1"
+                if how == "get":
+                    data, stat = answer
+                    fields = self._load(data)
+                    if count_renewal:
+                        try:
+                            fields["renewals"] = str(int(fields.get("renewals", "0")) + 1)
+                        except ValueError:
+                            fields["renewals"] = "1"
+                else:
+                    stat, fields = answer, cached[j]
+                moved = stat.ephemeralOwner != session
                 if moved:
                     # Adopt: re-create the node under this session, same name, same token.
                     fields.setdefault("fence", str(stat.czxid))
+                    cached[j] = fields
                     index = _split_slot(items[j].key)[1]
                     claim = self._my_claim(zk, bases[j], index, items[j].token)
                     txn = zk.transaction()
@@ -983,8 +1040,14 @@ class ZooKeeperBackend(LockBackend):
                         txn.delete(claim[0], claim[1])
                         txn.create(claim[0], items[j].token.encode(), ephemeral=True)
                     writes[j] = txn.commit_async()
-                else:
+                elif how == "get" and count_renewal:
+                    cached[j] = fields
                     writes[j] = zk.set_async(paths[j], self._dump(fields), stat.version)
+                else:
+                    if how == "get":
+                        cached[j] = fields
+                    verdicts[j] = True
+            # Phase 2: the adoptions and the first counts of locks read.
             for j, pending in writes.items():
                 try:
                     answer = self._result(pending)
@@ -1002,7 +1065,8 @@ class ZooKeeperBackend(LockBackend):
                     verdicts[j] = True
             for j, verdict in enumerate(verdicts):
                 if verdict is True and paths[j] is not None:
-                    self._remember(bases[j], items[j].token, paths[j])  # type: ignore[arg-type]
+                    self._remember(bases[j], items[j].token, paths[j],  # type: ignore[arg-type]
+                                   cached[j])
                 elif verdict is False:
                     self._forget(bases[j], items[j].token)
         except _Down:
@@ -1047,7 +1111,7 @@ class ZooKeeperBackend(LockBackend):
                     raise
                 if not any(isinstance(r, BaseException) for r in results):
                     self._forget(base, token)
-                    self._remember(base, new_token, new_path)
+                    self._remember(base, new_token, new_path, fields)
                     return fence
                 if isinstance(results[0], NoNodeError):
                     self._forget(base, token)
@@ -1056,10 +1120,26 @@ class ZooKeeperBackend(LockBackend):
         except _Down as exc:
             raise self._error(f"hand lock {key!r} over", exc, key) from exc
 
+    def _read(self, what: str, key: str | None, read: Callable[[Any], Any]) -> Any:
+        """Run a read; after a dropped connection, once more when the client has reconnected.
+
+        A process that held the GIL past its session timeout (a long C call) wakes to a dead
+        connection its client has not noticed yet: the first request fails at once, and the
+        client reconnects (with a new session) within milliseconds.
+        """
+        try:
+            return read(self._client())
+        except _Down as first:
+            self._connected.wait(self.request_timeout_s)
+            try:
+                return read(self._client())
+            except _Down as exc:
+                raise self._error(what, exc, key) from first
+
     def owned(self, key: str, token: str) -> bool:
         base, _ = _split_slot(key)
-        try:
-            zk = self._client()
+
+        def read(zk: Any) -> bool:
             path = self._find(zk, base, token)
             if path is None:
                 return False
@@ -1067,8 +1147,8 @@ class ZooKeeperBackend(LockBackend):
                 self._forget(base, token)
                 return False
             return True
-        except _Down as exc:
-            raise self._error(f"read lock {key!r}", exc, key) from exc
+
+        return bool(self._read(f"read lock {key!r}", key, read))
 
     def holder(self, key: str) -> str | None:
         record = self.lock_info(key)
@@ -1272,13 +1352,15 @@ class ZooKeeperBackend(LockBackend):
     def last_runs(self, state_key: str) -> dict[str, float]:
         from kazoo.exceptions import NoNodeError
 
-        try:
-            zk = self._client()
-            data, _ = self._result(zk.get_async(self._state_path(state_key)))
-        except NoNodeError:
+        def read(zk: Any) -> Any:
+            try:
+                return self._result(zk.get_async(self._state_path(state_key)))[0]
+            except NoNodeError:
+                return None
+
+        data = self._read("read beat's last runs", None, read)
+        if data is None:
             return {}
-        except _Down as exc:
-            raise self._error("read beat's last runs", exc) from exc
         runs: dict[str, float] = {}
         for entry, value in self._load(data).items():
             try:
@@ -1358,10 +1440,8 @@ class ZooKeeperBackend(LockBackend):
         return LockRecord.from_view(key, view) if rank == 0 else None
 
     def lock_info(self, key: str) -> LockRecord | None:
-        try:
-            return self._lock_info(self._client(), key)
-        except _Down as exc:
-            raise self._error(f"read lock {key!r}", exc, key) from exc
+        return self._read(  # type: ignore[no-any-return]
+            f"read lock {key!r}", key, lambda zk: self._lock_info(zk, key))
 
     def _lock_info(self, zk: Any, key: str) -> LockRecord | None:
         from kazoo.exceptions import NoNodeError
@@ -1471,6 +1551,7 @@ class ZooKeeperBackend(LockBackend):
             zk, self._zk = self._zk, None
             mine = self._pid == os.getpid()
             self._paths.clear()
+            self._held.clear()
             self._tickets.clear()
             self._connected = threading.Event()
         if zk is not None and mine:

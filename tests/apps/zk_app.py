@@ -98,7 +98,10 @@ def guarded(self: Any, slot: str, hold_s: float) -> int:
 
 
 @app.task(base=LockedTask, bind=True, shared=False, name="zk.hog", lock_ttl=LOCK_TTL_S)
-def hog(self: Any, tag: str, n: int) -> int:
+def hog(self: Any, tag: str, seconds: float) -> int:
+    t0 = time.monotonic()
+    sum(range(10**6))
+    n = int(10**6 * seconds / max(time.monotonic() - t0, 1e-4))  # this process's own pace
     _started(self, tag)
     started = time.monotonic()
     total = sum(range(n))  # one C call: no other thread of this process runs meanwhile
