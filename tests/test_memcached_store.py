@@ -865,44 +865,34 @@ def test_worker_warm_shutdown_finishes_and_releases_and_a_killed_worker_lock_lap
 
 @pytest.mark.slow
 def test_worker_lock_lost_when_memcached_restarts_under_a_running_body(
-        app_env: McTaskEnv, server: MemcachedServer) -> None:
+        app_env: McTaskEnv, mc_worker: CeleryWorker, server: MemcachedServer) -> None:
     """A restart empties memcached: the holder's next renewal finds its lock gone and, with
     ``lock_on_lost="abort"``, the body gets LockLostError."""
     from tests.apps import mc_app
-    from tests.workers import conf_env
 
-    queue = f"mc-lost-{uuid.uuid4().hex[:8]}"
-    worker = app_env.worker(pool="prefork", concurrency=1, queues=[queue],
-                            env=conf_env(singleton_lock_on_lost="abort"))
-    try:
-        worker.start()
-        tag = _tag()
-        result = mc_app.sleeper.apply_async((tag, 20.0), queue=queue)
-        app_env.started(tag)
-        restarted_at = time.monotonic()
-        server.restart()
-        app_env.wait_ready([result.id], 10)
-        took = time.monotonic() - restarted_at
-        assert result.state == "FAILURE"
-        assert type(result.result).__name__ == "LockLostError", result.result
-        # Found at the next renewal (every ttl/3), not at the end of the 20 s body.
-        assert took < mc_app.LOCK_TTL_S + 2.0
-    finally:
-        app_env.stop_workers([worker])
+    tag = _tag()
+    result = mc_app.fragile.apply_async((tag, 20.0), queue=WORKER_QUEUE)
+    app_env.started(tag)
+    restarted_at = time.monotonic()
+    server.restart()
+    app_env.wait_ready([result.id], 10)
+    took = time.monotonic() - restarted_at
+    assert result.state == "FAILURE"
+    assert type(result.result).__name__ == "LockLostError", result.result
+    # Found at the next renewal (every ttl/3), not at the end of the 20 s body.
+    assert took < mc_app.LOCK_TTL_S + 2.0
 
 
 @pytest.mark.slow
 def test_real_workers_never_run_two_bodies_of_one_signature_at_once_on_memcached(
-        app_env: McTaskEnv) -> None:
+        app_env: McTaskEnv, mc_worker: CeleryWorker) -> None:
     """2 workers x 2 prefork children, 100 tasks of one signature: never two bodies at once."""
     from tests.apps import mc_app
 
-    queue = f"mc-dedup-{uuid.uuid4().hex[:8]}"
-    workers = [app_env.worker(pool="prefork", concurrency=2, queues=[queue])
-               for _ in range(2)]
+    queue = WORKER_QUEUE  # the module's worker and one more
+    second = app_env.worker(pool="prefork", concurrency=2, queues=[queue])
     try:
-        for worker in workers:
-            worker.start()
+        second.start()
         slot, hold_s, sent = f"slot-{uuid.uuid4().hex}", 0.05, 100
         results = [mc_app.guarded.apply_async((slot, hold_s), queue=queue)
                    for _ in range(sent)]
@@ -916,7 +906,7 @@ def test_real_workers_never_run_two_bodies_of_one_signature_at_once_on_memcached
         print(f"memcached dedup: {ran} ran, {rejected} rejected, bodies in {len(pids)} children")
         app_env.gone_after(mc_app.guarded.lock_key_for(slot, hold_s), time.time())
     finally:
-        app_env.stop_workers(workers)
+        app_env.stop_workers([second])
 
 
 @pytest.mark.slow

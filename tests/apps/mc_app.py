@@ -72,6 +72,17 @@ def sleeper(self: Any, tag: str, seconds: float) -> str:
     return "slept"
 
 
+@app.task(name="mc.fragile", **_options(lock_on_lost="abort"))
+def fragile(self: Any, tag: str, seconds: float) -> str:
+    """A sleeper whose lost lock raises LockLostError inside it."""
+    _started(self, tag)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+    _ended(tag)
+    return "slept"
+
+
 @app.task(name="mc.limited", **_options(time_limit=1.0))
 def limited(self: Any, tag: str) -> str:
     _started(self, tag)
