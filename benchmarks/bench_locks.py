@@ -14,13 +14,21 @@ finer still: each round is cut into ``--slices`` short runs and the contenders t
 by run, so every contender's round covers the same stretch of time and load from elsewhere
 on the machine slows all of them alike. The median round is reported, as microseconds per
 cycle, cycles per second, and the ratio to the raw floor (SET NX PX + EVALSHA
-compare-and-delete on one master). A contender whose library is missing or fails shows
-``n/a`` and the reason.
+compare-and-delete on one master), with the CPU time per cycle of the thread that ran the
+cycles (steadier than the wall time on a busy machine). A contender whose library is missing
+or fails shows ``n/a`` and the reason.
+
+``--baseline PATH`` repeats this package's contenders from another checkout: a subprocess that
+imports ``celery_singleton_lock`` from PATH sets them up and, when asked, times a slice of
+cycles with the same loop and reports wall and CPU time; its rows take their turns slice by
+slice like every other. ``--control`` does the same from this checkout, to show what running
+in a subprocess alone does to the numbers.
 
 Usage::
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/bench_locks.py [--cycles N] [--rounds 3] [--json out.json] [--only NAME,...]
+                                     [--baseline /tmp/before] [--control]
 
 The Markdown table goes to stdout, progress to stderr. No target is asserted: the exit status
 is 0 whatever the numbers (1 only when the servers cannot be started).

@@ -32,6 +32,15 @@ Method, per contender and round:
    does. The table leads with this rate and lists the per-round ratios to plain ``Task``
    (rounds are interleaved, so each pair shares a stretch of time).
 
+Beside each rate, the CPU time per task of the worker's whole process tree (its main process
+and the pool children, utime + stime from ``/proc/<pid>/stat`` before and after the pass,
+divided by the tasks): on a busy machine it moves much less than the rates do.
+
+``--baseline PATH`` adds the contender ``LockedTask (baseline)``: the same task, run by a
+second worker whose processes import ``celery_singleton_lock`` from PATH (another checkout),
+taking turns with the others round by round. Both workers run the whole time; the one not
+measured idles on its own queue.
+
 Every contender is warmed up first (pool children import, connect and load scripts), then the
 timed rounds are interleaved across contenders (the starting contender rotates each round) and
 the median round is reported. Commands sent to the lock server per task (while publishing, and
@@ -45,6 +54,7 @@ Usage::
     pip install -r benchmarks/requirements.txt
     python benchmarks/bench_tasks.py [--tasks 2000] [--rounds 9] [--count 200]
                                      [--only LockedTask,celery-once] [--json out.json]
+                                     [--baseline /tmp/before]
 
 The Markdown table goes to stdout, progress to stderr. Nothing is asserted.
 """
