@@ -13,7 +13,7 @@ check-then-act steps are made safe by ``cas`` (compare-and-swap on the item's ve
   deletes its successor's: the successor's item has another token, and another version.
   (``touch`` is never used on a lock: it checks no owner.)
 * the fencing token is an ``incr`` counter beside the key; a missing counter starts at the
-  server's time in microseconds (``stats``' ``time``), ``add``-ed so two creators agree.
+  server's time in microseconds (:func:`_start_value`), ``add``-ed so two creators agree.
   Every acquisition gives it ``fence_ttl_ms`` more to live (``touch``).
 
 memcached counts expiry in whole seconds on a clock that ticks once a second, so a lock is
@@ -23,8 +23,11 @@ from the expiry written in the value (the writer's clock), so ``celery locks`` s
 
 memcached has no notifications (:meth:`MemcachedMember.subscribe` returns None: waiters
 poll) and no portable way to list keys: :meth:`MemcachedMember.scan` reads
-``lru_crawler metadump all`` where the server has the LRU crawler (memcached >= 1.4.31, on by
+``lru_crawler metadump`` where the server has the LRU crawler (memcached >= 1.4.31, on by
 default since 1.5), over a socket of its own.
+
+memcached has no pipelining in pymemcache and no scripts, so a batch is several round trips;
+the members of a quorum run theirs on a small pool of threads at once (:class:`_Batch`).
 
 memcached may evict any item under memory pressure, a held lock too: the holder's next
 renewal finds it gone and the lock is reported lost (``lock_on_lost``).
