@@ -476,7 +476,7 @@ class ZooKeeperBackend(LockBackend):
             pending = zk.create_async(path, data, ephemeral=ephemeral, sequence=sequence,
                                       include_data=True)
             try:
-                return self._result(pending)  # type: ignore[no-any-return]
+                return self._result(pending)
             except NoNodeError:
                 self._ensure(zk, path.rsplit("/", 1)[0])
             except _Down:
@@ -1026,6 +1026,7 @@ class ZooKeeperBackend(LockBackend):
                             fields["renewals"] = "1"
                 else:
                     stat, fields = answer, cached[j]
+                    assert fields is not None  # asked by "set" or "exists" only when cached
                 moved = stat.ephemeralOwner != session
                 if moved:
                     # Adopt: re-create the node under this session, same name, same token.
@@ -1440,7 +1441,7 @@ class ZooKeeperBackend(LockBackend):
         return LockRecord.from_view(key, view) if rank == 0 else None
 
     def lock_info(self, key: str) -> LockRecord | None:
-        return self._read(  # type: ignore[no-any-return]
+        return self._read(
             f"read lock {key!r}", key, lambda zk: self._lock_info(zk, key))
 
     def _lock_info(self, zk: Any, key: str) -> LockRecord | None:
