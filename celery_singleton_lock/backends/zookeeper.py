@@ -22,7 +22,7 @@ is two hex digits of its SHA-1, so no parent has more children than one reply ca
   lock when the ticket reaches the front, so waiters are served first come, first served and a
   release wakes one waiter, not a herd.
 * **The session**: the lock ends with the session that holds its node. A lock does not lapse
-  after ``ttl``: the session timeout (``?session_timeout=``, default 10 s) bounds how long a
+  after ``ttl``: the session timeout (``?session_timeout=``, default 20 s) bounds how long a
   dead holder's lock outlives it. Renewal checks that the node still exists (and counts
   ``renewals`` in its data); while the session is suspended its answer is "undecided", and
   once the node is gone, "lost".
@@ -74,7 +74,7 @@ logger = logging.getLogger("celery_singleton_lock.backends.zookeeper")
 SCHEME = "zookeeper"
 DEFAULT_PORT = 2181
 #: Default session timeout, seconds (the server may narrow it to its min/max).
-DEFAULT_SESSION_TIMEOUT_S = 10.0
+DEFAULT_SESSION_TIMEOUT_S = 20.0
 #: Buckets the lock parents are spread over (two hex digits of the key's SHA-1).
 BUCKET_DIGITS = 2
 #: Lock parents read in one pipelined page while listing.
