@@ -492,6 +492,32 @@ def test_waiters_are_woken_by_a_release(store: LockBackend, key: str, kind: str)
         assert max(latencies) < 0.6
 
 
+def test_postgres_notifies_only_releases_someone_waits_for(_store_postgres: str,
+                                                           key: str) -> None:
+    import psycopg
+
+    store = _open(_store_postgres)
+    listener = psycopg.connect(_store_postgres, autocommit=True)
+    try:
+        listener.execute(f'LISTEN "{TableNames("csl").channel}"')
+        assert store.acquire(key, "a", 30.0).acquired and store.release(key, "a")
+        assert list(listener.notifies(timeout=0.3)) == []  # nobody waited: no NOTIFY
+        assert store.acquire(key, "a", 30.0).acquired
+        waiter = threading.Thread(target=store.wait_released,
+                                  args=(key, 5.0, lambda: store.acquire(key, "w", 5.0).acquired))
+        waiter.start()
+        wait_until(lambda: admin_sql(_store_postgres, f"SELECT 1 FROM {TableNames('csl').locks}"
+                                     " WHERE lock_key = %s AND wait_until_us > 0", (key,)), 5,
+                   message="the waiter's mark")
+        assert store.release(key, "a")
+        assert [n.payload for n in listener.notifies(timeout=2.0, stop_after=1)] == [key]
+        waiter.join(5)
+        assert store.owned(key, "w")
+    finally:
+        listener.close()
+        store.close()
+
+
 def test_wait_released_gives_up_after_its_timeout(store: LockBackend, key: str) -> None:
     assert store.acquire(key, "h", 30.0).acquired
     tries = []

@@ -4,10 +4,12 @@ A lock is a row of a lease table (:mod:`.sql` describes the tables). MySQL has n
 ``RETURNING`` on ``UPDATE`` and no ``ON CONFLICT ... WHERE``, so an operation is a statement
 and the read of its row, sent together in one round trip (a multi-statement query):
 
-* acquire: ``INSERT ... ON DUPLICATE KEY UPDATE`` whose assignments take the row only when
-  the lease expired or is ours (the ``token`` assignment comes first and the ``expires_us``
-  one last, since MySQL evaluates them in order, each seeing the ones before it), then
-  ``SELECT`` of the row: the lock is ours if the row shows our token, unexpired;
+* acquire: ``UPDATE ... WHERE lock_key = ? AND expires_us <= now`` of a free row, its new
+  fencing token returned through ``LAST_INSERT_ID(expr)``; where that changed no row (a new
+  key, a held lock, or a refresh), ``INSERT ... ON DUPLICATE KEY UPDATE`` whose assignments take
+  the row only when the lease expired or is ours (the ``token`` assignment comes first and the
+  ``expires_us`` one last, since MySQL evaluates them in order, each seeing the ones before
+  it), then ``SELECT`` of the row: the lock is ours if the row shows our token, unexpired;
 * release: an owner-checked ``UPDATE`` marking the row free;
 * renewal: one ``UPDATE ... WHERE lock_key IN (...) AND token = CASE lock_key ...`` per batch,
   and the rows read back.
@@ -81,17 +83,17 @@ class _Statements:
         # Evaluated after ``token`` is assigned: the row was free (or expired) and is ours.
         took = "(expires_us <= VALUES(acquired_us) AND token = VALUES(token))"
         keep = ",\n    ".join(f"{c} = IF({took}, VALUES({c}), {c})" for c in _META)
-        # The common case, a row that exists and is free: a plain UPDATE (cheaper for
-        # InnoDB than INSERT ... ON DUPLICATE KEY UPDATE), and the row read back.
+        # The common case, a row that exists and is free: one plain UPDATE (cheaper for
+        # InnoDB than INSERT ... ON DUPLICATE KEY UPDATE), whose new fencing token comes
+        # back in the reply's insert id (LAST_INSERT_ID(expr)), so nothing is read after.
         sets = ", ".join(f"{c} = %({c})s" for c in _META if c != "acquired_at")
         self.take = f"""
-UPDATE {locks} SET token = %(token)s, fence = GREATEST(last_fence + 1, {NOW}),
+UPDATE {locks} SET token = %(token)s,
+    fence = LAST_INSERT_ID(GREATEST(last_fence + 1, {NOW})),
     last_fence = fence, acquired_us = {NOW}, {sets},
     acquired_at = COALESCE(%(acquired_at)s, {NOW} / 1000000),
     expires_us = {NOW} + %(ttl_ms)s * 1000
-WHERE lock_key = %(key)s AND expires_us <= {NOW};
-SELECT token = %(token)s, fence, owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
-WHERE lock_key = %(key)s"""
+WHERE lock_key = %(key)s AND expires_us <= {NOW}"""
         self.acquire = _INSERT.format(
             locks=locks, now=NOW, fence=NOW, mine="OR token = VALUES(token)", took=took,
             new_fence="GREATEST(last_fence + 1, VALUES(fence))", keep=keep,
@@ -367,13 +369,18 @@ class MySQLBackend(SQLBackend):
                    cols: Columns) -> tuple[bool, int, str | None, int]:
         s = self.st(t)
         args = self._args(key, token, ttl_ms, cols)
-        (updated, _), (_, rows) = self._multi(conn, s.take, args)
-        if not rows or (not updated and rows[0][0] and int(rows[0][3]) > 0):
-            # No row yet (insert it), or the lock is already ours (refresh it): the
-            # statement that does both, atomically.
-            rows = self._one_set(conn, s.acquire, args)
-            if not rows:  # swept between the two statements: it was not taken
-                return False, 0, None, -1
+        cur = conn.cursor()
+        try:
+            cur.execute(s.take, args)
+            if cur.rowcount == 1 and cur.lastrowid:
+                return True, int(cur.lastrowid), None, -1
+        finally:
+            cur.close()
+        # No row yet (insert it), held (read its holder), or already ours (refresh it): the
+        # statement that does each atomically, and the row read back.
+        rows = self._one_set(conn, s.acquire, args)
+        if not rows:  # swept between the two statements: it was not taken
+            return False, 0, None, -1
         mine, fence, owner, pttl = rows[0]
         if mine and int(pttl) > 0:
             return True, int(fence), None, -1

@@ -11,9 +11,12 @@ lock is one statement in autocommit mode, so one round trip:
   order (two renewers of overlapping batches never deadlock).
 
 Expiry is measured on the server's clock (``statement_timestamp()``). Waiters ``LISTEN`` on
-the table's channel through one connection per process (a thread reads it), so a release
-wakes them at once. ``lock_limit`` slots and beat's claims take a short transaction that
-locks the base key's row (slots) or the leader's lock row (beat) first.
+the table's channel through one connection per process (a thread reads it) and mark the lock's
+row (``wait_until_us``) for as long as they wait; a release of a marked row calls
+``pg_notify`` in its statement, so it wakes them at once, and a release nobody waits for sends
+nothing (a ``NOTIFY`` serialises the commits of every notifying transaction of the server).
+``lock_limit`` slots and beat's claims take a short transaction that locks the base key's row
+(slots) or the leader's lock row (beat) first.
 
 A comma-separated host list (``postgresql://h1,h2/db?target_session_attrs=read-write``) is
 one store: libpq connects to whichever host is the primary.
@@ -120,15 +123,23 @@ ON CONFLICT (lock_key) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in _META)}
 WHERE l.expires_us <= EXCLUDED.acquired_us
 RETURNING l.fence"""
+        # Notify only where a waiter said it listens (the base row's wait_until_us): a
+        # NOTIFY serialises the commits of every notifying transaction of the server.
+        notify = f"""
+SELECT 1, (SELECT pg_notify(%(channel)s, %(base)s) FROM {locks} w
+           WHERE w.lock_key = %(base)s AND w.wait_until_us > {NOW}) FROM d"""
         self.release = f"""
 WITH d AS (UPDATE {locks} SET token = NULL, expires_us = 0
            WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW}
-           RETURNING lock_key)
-SELECT pg_notify(%(channel)s, %(base)s) FROM d"""
+           RETURNING lock_key){notify}"""
         self.release_any = f"""
 WITH d AS (UPDATE {locks} SET token = NULL, expires_us = 0
-           WHERE lock_key = %(key)s AND expires_us > {NOW} RETURNING lock_key)
-SELECT pg_notify(%(channel)s, %(base)s) FROM d"""
+           WHERE lock_key = %(key)s AND expires_us > {NOW} RETURNING lock_key){notify}"""
+        self.want = f"""
+INSERT INTO {locks} AS l (lock_key, wait_until_us)
+VALUES (%(key)s, {NOW} + %(wait_ms)s::bigint * 1000)
+ON CONFLICT (lock_key) DO UPDATE
+SET wait_until_us = GREATEST(l.wait_until_us, EXCLUDED.wait_until_us)"""
         self.extend = f"""
 WITH v AS (SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::text[], %(ttls)s::bigint[])
            AS v(k, tok, ttl_ms)),
@@ -177,7 +188,7 @@ SELECT (SELECT count(*) FROM leader), (SELECT count(*) FROM w)"""
 WITH page AS (SELECT lock_key FROM {locks} WHERE lock_key > %(after)s
               ORDER BY lock_key LIMIT {PAGE_ROWS}),
 d AS (DELETE FROM {locks} l USING page p
-      WHERE l.lock_key = p.lock_key AND l.expires_us <= {NOW}
+      WHERE l.lock_key = p.lock_key AND l.expires_us <= {NOW} AND l.wait_until_us <= {NOW}
         AND l.acquired_us < {NOW} - %(fence_ttl_ms)s::bigint * 1000
       RETURNING 1),
 f AS (DELETE FROM {nxt} WHERE lock_key IN (
@@ -198,6 +209,7 @@ def ddl(t: TableNames) -> list[str]:
     fence       bigint NOT NULL DEFAULT 0,      -- fencing token of the current holding
     last_fence  bigint NOT NULL DEFAULT 0,      -- the key's counter (slots: in the base row)
     acquired_us bigint NOT NULL DEFAULT 0,      -- last acquisition, server clock (sweep)
+    wait_until_us bigint NOT NULL DEFAULT 0,    -- waiters listen until then: notify them
     owner       text NOT NULL DEFAULT '',       -- holder's task id
     task        text NOT NULL DEFAULT '',
     hostname    text NOT NULL DEFAULT '',
@@ -463,8 +475,16 @@ class PostgresBackend(SQLBackend):
                 self._listener = _Listener(self)
             return self._listener
 
-    def watch(self, key: str) -> threading.Event | None:
-        return self._get_listener().watch(table_names(key).channel, slot_base(key))
+    def watch(self, key: str, timeout_s: float) -> threading.Event | None:
+        t = table_names(key)
+        base = slot_base(key)
+        event = self._get_listener().watch(t.channel, base)
+        try:  # releases of this key notify until the wait ends
+            self.run(t, lambda c: c.execute(self.st(t).want, {
+                "key": base, "wait_ms": int((timeout_s + 1.0) * 1000)}))
+        except self.driver_errors:
+            pass  # not told: the waiter still wakes when the lease ends, or each second
+        return event
 
     def unwatch(self, key: str, event: threading.Event) -> None:
         listener = self._listener

@@ -792,7 +792,7 @@ class SQLBackend(LockBackend):
 
     def wait_released(self, key: str, timeout_s: float, tried: Callable[[], bool]) -> bool:
         deadline = self.clock() + timeout_s
-        watch = self.watch(key)
+        watch = self.watch(key, timeout_s)
         try:
             while True:
                 if watch is not None:
@@ -807,9 +807,9 @@ class SQLBackend(LockBackend):
             if watch is not None:
                 self.unwatch(key, watch)
 
-    def watch(self, key: str) -> threading.Event | None:
-        """An event set when ``key`` is released (registered before the first try); None
-        where the store has no notification."""
+    def watch(self, key: str, timeout_s: float) -> threading.Event | None:
+        """An event set when ``key`` is released in the next ``timeout_s`` (registered before
+        the first try); None where the store has no notification."""
         return None
 
     def unwatch(self, key: str, event: threading.Event) -> None:
@@ -817,7 +817,7 @@ class SQLBackend(LockBackend):
 
     #: Longest interval between two polls where there is no notification (seconds); each
     #: interval is drawn between half of it and all of it (jitter).
-    poll_interval_s: ClassVar[float] = 0.1
+    poll_interval_s: float = 0.1
 
     def sleep_until_released(self, key: str, watch: threading.Event | None,
                              remaining: float) -> None:
