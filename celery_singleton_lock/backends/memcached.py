@@ -93,6 +93,10 @@ CAS_RETRIES = 8
 MAX_IDLE = 8
 #: Threads (per process) that run batches sent to several members at once.
 MAX_WORKERS = 8
+#: A member whose round trips take longer (a moving average), or that failed within
+#: :data:`SLOW_AFTER_FAULT_S`, is asked in parallel with the others, seconds.
+PARALLEL_RTT_S = 0.0003
+SLOW_AFTER_FAULT_S = 30.0
 #: Longest wait for one read of a ``metadump`` (a big cache streams for a while), seconds.
 METADUMP_READ_TIMEOUT_S = 5.0
 #: Silence that ends a ``metadump`` of memcached before 1.6 (it sends no END line), seconds.
@@ -357,10 +361,12 @@ class _Batch:
     """A batch submitted to one member (a :class:`~.base.Pending`).
 
     memcached runs no scripts, so a batch is several round trips. A batch runs where its
-    results are first wanted: ``receive()`` runs it in the calling thread, and first hands the
-    batches this thread submitted to other members to the pool's threads, so a quorum's
-    members work in parallel while a single member pays no thread switch. Whoever comes
-    first runs it (the caller or a pool thread), so a full pool never deadlocks a caller.
+    results are first wanted: ``receive()`` runs it in the calling thread. When any of the
+    members this thread submitted to is slow (round trips above :data:`PARALLEL_RTT_S`, or a
+    recent fault), ``receive()`` first hands the other batches to the pool's threads, so the
+    members work in parallel; with fast members a thread switch costs more than the round
+    trips it would overlap, and each batch runs in turn. Whoever comes first runs a batch
+    (the caller or a pool thread), so a full pool never deadlocks a caller.
     """
 
     __slots__ = ("member", "ops", "results", "_claimed", "_done")
@@ -391,10 +397,12 @@ class _Batch:
             _unsent.batches = []
             if getattr(_unsent, "pid", None) != os.getpid():
                 others = []  # submitted by the parent before a fork: not this process's
-            executor = None
-            for batch in others:
-                if batch is not self and not batch._claimed.locked():
-                    executor = executor or _pool_executor()
+            others = [b for b in others if b is not self and not b._claimed.locked()]
+            # Fast servers (loopback, one rack) are cheaper one after the other than through
+            # threads; slow or failing ones are asked at once.
+            if others and (self.member.slow() or any(b.member.slow() for b in others)):
+                executor = _pool_executor()
+                for batch in others:
                     executor.submit(batch.run_here)
         return self.wait()
 
@@ -453,6 +461,9 @@ class MemcachedMember(QuorumMember):
         self.version: tuple[int, ...] | None = None
         self._dump_mode = "hash"
         self._refusal = ""
+        #: Moving average of this server's round trip, seconds; when it last failed.
+        self.rtt_s = 0.0
+        self._faulted_at = -math.inf
 
     @classmethod
     def from_url(cls, url: str, *, socket_timeout: float, setting: str) -> MemcachedMember:
@@ -506,12 +517,27 @@ class MemcachedMember(QuorumMember):
     # post() is the default: run at once. Handing a release to a thread would let a pool
     # child that exits (os._exit) right after its task drop a release never sent.
 
+    def slow(self) -> bool:
+        """Whether batches sent with this member's should run in parallel (see
+        :class:`_Batch`)."""
+        return self.rtt_s > PARALLEL_RTT_S or \
+            time.monotonic() - self._faulted_at < SLOW_AFTER_FAULT_S
+
     def _run_batch(self, ops: Sequence[Op]) -> list[Any]:
         """Run ``ops`` on one connection. A fault fails the op it hit and every op after it
         (with the same error: no second timeout); a pooled connection the server closed
         (it restarted) is replaced once, if nothing had been answered on it yet."""
-        faults, stale = _faults()
+        started = time.monotonic()
         conn = self._pool.get()
+        try:
+            return self._run_on(conn, ops)
+        finally:
+            if conn.answered:
+                rtt = (time.monotonic() - started) / conn.answered
+                self.rtt_s += (rtt - self.rtt_s) * 0.2
+
+    def _run_on(self, conn: _Conn, ops: Sequence[Op]) -> list[Any]:
+        faults, stale = _faults()
         results: list[Any] = []
         failed: BaseException | None = None
         for op in ops:
@@ -534,6 +560,7 @@ class MemcachedMember(QuorumMember):
                         continue
                 failed = self._error(exc)
                 results.append(failed)
+                self._faulted_at = time.monotonic()
                 self._pool.discard(conn)
             except Exception as exc:  # noqa: BLE001 - a server's refusal of this op only
                 results.append(self._error(exc))
