@@ -597,6 +597,123 @@ def test_an_unreachable_database_is_reported_never_taken_for_an_answer(
         relayed.close()
 
 
+class PrivatePostgres:
+    """A PostgreSQL server of this test's own (initdb in a temporary directory, a free port,
+    fsync off), so it can really be restarted. Run as the ``postgres`` user when the tests
+    run as root (PostgreSQL refuses root)."""
+
+    def __init__(self) -> None:
+        import shutil
+        import tempfile
+
+        self.bindir = self._bindir()
+        if self.bindir is None:
+            pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) here")
+        self.dir = Path(tempfile.mkdtemp(prefix="csl-pg-"))
+        self.port = free_port()
+        self.user: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                pytest.skip("running as root without a postgres user")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.user = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres",
+                  "--no-sync", "-E", "UTF8")
+        self.start()
+
+    @staticmethod
+    def _bindir() -> Path | None:
+        import shutil
+        import subprocess
+
+        found = shutil.which("pg_config")
+        if found:
+            out = subprocess.run([found, "--bindir"], capture_output=True, text=True)
+            if out.returncode == 0 and (Path(out.stdout.strip()) / "initdb").exists():
+                return Path(out.stdout.strip())
+        for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+            if (candidate / "initdb").exists():
+                return candidate
+        return None
+
+    def _run(self, tool: str, *args: str) -> None:
+        import subprocess
+
+        assert self.bindir is not None
+        done = subprocess.run([*self.user, str(self.bindir / tool), *args],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {done.stdout}{done.stderr}")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-l", str(self.dir / "log"),
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                        "-c fsync=off", "start")
+
+    def crash(self) -> None:
+        """Stop at once, as a crash does (committed rows come back from the WAL)."""
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+
+    def close(self) -> None:
+        import shutil
+
+        with contextlib.suppress(Exception):  # already stopped
+            self.crash()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_restarted_postgres_keeps_its_locks_and_the_store_carries_on(key: str) -> None:
+    server = PrivatePostgres()
+    store = _open(server.url)
+    other = _open(server.url)
+    try:
+        got = store.acquire(key, "a", 30.0, [("owner", "t1")])
+        assert got.acquired
+        assert store.acquire(key + "-w", "h", 30.0).acquired
+        woke: list[float] = []
+        waiter = threading.Thread(target=lambda: store.wait_released(
+            key + "-w", 20.0, lambda: store.acquire(key + "-w", "w", 5.0).acquired
+            and not woke.append(time.monotonic())))
+        waiter.start()
+        wait_until(lambda: admin_sql(server.url, "SELECT 1 FROM csl_locks WHERE lock_key = %s"
+                                     " AND wait_until_us > 0", (key + "-w",)), 5,
+                   message="the waiter's mark")
+        server.crash()
+        # Down: every operation says so; none claims an answer.
+        down = store.acquire(key + "-2", "b", 5.0)
+        assert down.backend_down and not down.acquired
+        assert store.extend_many([Renewal(key, "a", 30000)]) == [None]
+        with pytest.raises(LockBackendError):
+            store.holder(key)
+        server.start()
+        # Back: the lock survived the restart, the holder renews it on its next call, and
+        # nobody else can take it.
+        assert store.extend_many([Renewal(key, "a", 30000)]) == [True]
+        assert other.holder(key) == "t1"
+        assert not other.acquire(key, "c", 5.0).acquired
+        assert store.release(key, "a")
+        assert other.acquire(key, "c", 5.0).fence > got.fence
+        # The waiter's listening connection came back too: a release wakes it.
+        released = time.monotonic()
+        assert other.release(key + "-w", "h")
+        waiter.join(10)
+        assert woke and woke[0] - released < 0.5  # notified, not the 1 s recheck
+    finally:
+        store.close()
+        other.close()
+        server.close()
+
+
 def test_forked_child_never_uses_or_ends_the_parents_session(store: LockBackend,
                                                              key: str) -> None:
     assert store.acquire(key, "parent", 30.0).acquired
