@@ -323,6 +323,11 @@ class ZooKeeperBackend(LockBackend):
         #: Nodes of ours to delete that a failed request may have left (an acquire that timed
         #: out, a ticket), and releases to retry until their deadline.
         self._orphans: set[str] = set()
+        #: (lock key, parent, name prefix, token) of creates whose outcome is unknown (the
+        #: connection dropped first): :meth:`maintain` deletes what they made, if anything.
+        self._suspects: set[tuple[str, str, str, str]] = set()
+        #: (lock key, token) of acquires in progress, which the sweep leaves alone.
+        self._taking: set[tuple[str, str]] = set()
         self._retries: list[tuple[str, str, float]] = []
         self._wakers: set[threading.Event] = set()
         self._log = logging.getLogger("celery_singleton_lock.backends.zookeeper.kazoo")
@@ -461,9 +466,7 @@ class ZooKeeperBackend(LockBackend):
                 value = result.get_nowait()
             except Exception:  # noqa: BLE001 - it failed: nothing to remove
                 return
-            path = value[0] if isinstance(value, tuple) else value
-            with self._mutex:
-                self._orphans.add(path)
+            self._orphan(value[0] if isinstance(value, tuple) else value)
 
         async_create.rawlink(done)
 
@@ -482,6 +485,8 @@ class ZooKeeperBackend(LockBackend):
             except _Down:
                 if ephemeral:
                     self._forget_later(pending)
+                    parent, _, name = path.rpartition("/")
+                    self._suspect(unquote(parent.rsplit("/", 1)[1]), name)
                 raise
         raise _Down(f"cannot create {path}: its parent keeps disappearing")
 
@@ -633,6 +638,7 @@ class ZooKeeperBackend(LockBackend):
         fields = self._fields(token, ttl_s, metadata, fixed, limit if slot else None)
         with self._mutex:
             self._owners[ident] = fields.get("owner", "")
+            self._taking.add((key, token))
         try:
             zk = self._client()
             taken = None
@@ -640,13 +646,17 @@ class ZooKeeperBackend(LockBackend):
                 taken = self._take_with_ticket(zk, key, token, limit, fields, ticket, slot)
             if taken is None:
                 taken = self._take_fresh(zk, key, token, limit, fields, slot)
+            if taken[0]:
+                self._remember(key, token, taken[3], taken[5])
         except _Down as exc:
             return AcquireResult(False, 0, 0.0, started, None, -1, True,
                                  (f"{self.description}: {exc}",), "")
-        acquired, fence, holder, path, index, written = taken
+        finally:
+            with self._mutex:
+                self._taking.discard((key, token))
+        acquired, fence, holder, path, index, _ = taken
         if not acquired:
             return AcquireResult(False, 0, 0.0, started, holder, -1, False, (), "")
-        self._remember(key, token, path, written)
         validity = max(0.0, ttl_s - (self.clock() - started))
         return AcquireResult(True, fence, validity, started, None, -1, False, (),
                              f"{key}:slot:{index}" if slot else key)
@@ -721,6 +731,7 @@ class ZooKeeperBackend(LockBackend):
                 continue  # the parent went since we looked
             except _Down:
                 self._forget_later(created)
+                self._suspect(key, f"{_LOCK}{_encode(token)}-")
                 raise
             try:
                 names = self._result(listed)
@@ -776,6 +787,10 @@ class ZooKeeperBackend(LockBackend):
             results = self._result(committed)
         except _Down:
             self._forget_later_txn(committed, first_path)
+            key = unquote(parent.rsplit("/", 1)[1])
+            self._suspect(key, f"{_LOCK}{_encode(token)}-")
+            if slot:
+                self._suspect(key, _CLAIM, token)
             raise
         stat = self._quiet(first)
         if not isinstance(results[0], BaseException) and stat is not None:
@@ -829,6 +844,7 @@ class ZooKeeperBackend(LockBackend):
                 continue
             except _Down:
                 self._forget_later(pending)
+                self._suspect(unquote(parent.rsplit("/", 1)[1]), _CLAIM, token)
                 raise
             try:
                 self._result(written)
@@ -872,6 +888,9 @@ class ZooKeeperBackend(LockBackend):
                 results = self._result(committed)
             except _Down:
                 self._forget_later_txn(committed, path)
+                self._suspect(key, f"{_LOCK}{_encode(token)}-")
+                if slot:
+                    self._suspect(key, _CLAIM, token)
                 raise
             if not any(isinstance(r, BaseException) for r in results):
                 self._drop_ticket(key, ticket)
@@ -889,8 +908,7 @@ class ZooKeeperBackend(LockBackend):
             except Exception:  # noqa: BLE001
                 return
             if values and not any(isinstance(v, BaseException) for v in values):
-                with self._mutex:
-                    self._orphans.add(path)
+                self._orphan(path)
 
         committed.rawlink(done)
 
@@ -901,9 +919,46 @@ class ZooKeeperBackend(LockBackend):
             self._orphan(path)
             raise
 
+    def _suspect(self, key: str, prefix: str, token: str = "") -> None:
+        """A create under ``key``'s parent whose outcome is unknown: its node (a name starting
+        with ``prefix``; a slot claim whose data is ``token``) is deleted later unless held."""
+        with self._mutex:
+            self._suspects.add((key, self._parent(key), prefix, token))
+        self._owe_maintenance()
+
+    def _sweep(self, zk: Any, key: str, parent: str, prefix: str, token: str) -> None:
+        from kazoo.exceptions import NoNodeError
+
+        with self._mutex:
+            held = set(self._paths.values())
+            tickets = {t.path for t in self._tickets.values()}
+            busy = (key, token) in self._taking or (key, token) in self._paths
+        for name in self._quiet(zk.get_children_async(parent)) or ():
+            path = f"{parent}/{name}"
+            if not name.startswith(prefix) or path in held or path in tickets:
+                continue
+            if name.startswith(_CLAIM):
+                got = None if busy else self._quiet(zk.get_async(path))
+                if got is None or got[0] != token.encode():
+                    continue
+            elif name.startswith(_LOCK) and busy:
+                continue
+            try:
+                self._result(zk.delete_async(path))
+                logger.info("removed %s, left by a request whose answer was lost", path)
+            except NoNodeError:
+                pass
+
     def _orphan(self, path: str) -> None:
         with self._mutex:
             self._orphans.add(path)
+        self._owe_maintenance()
+
+    def _owe_maintenance(self) -> None:
+        """Have the renewal thread call :meth:`maintain` (about once a second) until done."""
+        from ..renewer import get_renewer
+
+        get_renewer().watch_cleanup(self)
 
     # -- a held lock -------------------------------------------------------------------------
 
@@ -950,6 +1005,7 @@ class ZooKeeperBackend(LockBackend):
             if deadline is not None and deadline > self.clock():
                 with self._mutex:
                     self._retries.append((key, token, deadline))
+                self._owe_maintenance()
             return None
 
     def extend_many(self, items: Sequence[Renewal], *,
@@ -1109,6 +1165,7 @@ class ZooKeeperBackend(LockBackend):
                     results = self._result(committed)
                 except _Down:
                     self._forget_later_txn(committed, new_path)
+                    self._suspect(base, f"{_LOCK}{_encode(new_token)}-", new_token)
                     raise
                 if not any(isinstance(r, BaseException) for r in results):
                     self._forget(base, token)
@@ -1519,7 +1576,7 @@ class ZooKeeperBackend(LockBackend):
 
     def needs_maintenance(self) -> bool:
         with self._mutex:
-            return bool(self._orphans or self._retries)
+            return bool(self._orphans or self._retries or self._suspects)
 
     def maintain(self) -> None:
         """Delete nodes a failed request may have left, and retry failed releases."""
@@ -1528,13 +1585,21 @@ class ZooKeeperBackend(LockBackend):
         with self._mutex:
             orphans, self._orphans = self._orphans, set()
             retries, self._retries = self._retries, []
+            suspects, self._suspects = self._suspects, set()
         try:
             zk = self._client()
         except _Down:
             with self._mutex:
                 self._orphans |= orphans
+                self._suspects |= suspects
                 self._retries.extend(r for r in retries if r[2] > self.clock())
             return
+        for suspect in suspects:
+            try:
+                self._sweep(zk, *suspect)
+            except _Down:
+                with self._mutex:
+                    self._suspects.add(suspect)
         for path in orphans:
             try:
                 self._result(zk.delete_async(path))
