@@ -875,3 +875,30 @@ def test_a_body_holding_the_gil_keeps_its_lock_past_the_childs_session_timeout(
 
 
 _NO_RECORD = type("NoRecord", (), {"renewals": 0})()
+
+
+@pytest.mark.slow
+def test_a_worker_whose_session_expired_loses_the_lock_and_lock_on_lost_fires(
+        zk_env: ZkTaskEnv, zk_worker: CeleryWorker) -> None:
+    """The whole worker frozen past its session timeout: the server ends the session and the
+    lock with it (another takes it); once the worker runs again, its renewal finds the lock
+    gone and ``lock_on_lost="abort"`` raises LockLostError inside the body."""
+    from tests.apps import zk_app
+
+    tag = _tag()
+    result = zk_app.abortable.apply_async((tag, 30.0), queue="zk")
+    zk_env.started(tag)
+    key = zk_app.abortable.lock_key_for(tag, 30.0)
+    zk_env.wait(lambda: (zk_env.store.lock_info(key) or _NO_RECORD).renewals >= 1, 5,
+                "a renewal (the main process adopts the lock)")
+    intruder = tok()
+    zk_worker.pause()
+    try:
+        assert zk_env.store.wait_released(
+            key, WORKER_SESSION_S + 10, lambda: zk_env.store.acquire(key, intruder, 30.0).acquired)
+    finally:
+        zk_worker.resume()
+    zk_env.wait(lambda: result.state == "FAILURE", 15, "the body aborted")
+    assert type(result.result).__name__ == "LockLostError", result.result
+    assert zk_env.store.owned(key, intruder)  # the lost holder's release took nothing
+    assert zk_env.store.release(key, intruder) is True

@@ -107,3 +107,14 @@ def hog(self: Any, tag: str, seconds: float) -> int:
     total = sum(range(n))  # one C call: no other thread of this process runs meanwhile
     _ended(tag, held=self.lock.is_held(), took=time.monotonic() - started)
     return total % 1000
+
+
+@app.task(base=LockedTask, bind=True, shared=False, name="zk.abortable", lock_ttl=LOCK_TTL_S,
+          lock_on_lost="abort")
+def abortable(self: Any, tag: str, seconds: float) -> str:
+    _started(self, tag)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+    _ended(tag)
+    return "slept"
