@@ -1,15 +1,17 @@
 """The MySQL / MariaDB lock store (``mysql://``, ``mariadb://``), on PyMySQL.
 
 A lock is a row of a lease table (:mod:`.sql` describes the tables). MySQL has no
-``RETURNING`` on ``UPDATE`` and no ``ON CONFLICT ... WHERE``, so an operation is a statement
-and the read of its row, sent together in one round trip (a multi-statement query):
+``RETURNING`` on ``UPDATE`` and no ``ON CONFLICT ... WHERE``, so where an operation must read
+what it wrote, the statement and the read of its row go together in one round trip (a
+multi-statement query):
 
 * acquire: ``UPDATE ... WHERE lock_key = ? AND expires_us <= now`` of a free row, its new
-  fencing token returned through ``LAST_INSERT_ID(expr)``; where that changed no row (a new
-  key, a held lock, or a refresh), ``INSERT ... ON DUPLICATE KEY UPDATE`` whose assignments take
-  the row only when the lease expired or is ours (the ``token`` assignment comes first and the
-  ``expires_us`` one last, since MySQL evaluates them in order, each seeing the ones before
-  it), then ``SELECT`` of the row: the lock is ours if the row shows our token, unexpired;
+  fencing token returned through ``LAST_INSERT_ID(expr)`` (one round trip, the common case).
+  Where that changed no row, a plain read of the row names the holder; for a key without a
+  row (or a refresh of our own lock), ``INSERT ... ON DUPLICATE KEY UPDATE`` whose assignments
+  take the row only when the lease expired or is ours (the ``token`` assignment comes first
+  and the ``expires_us`` one last, since MySQL evaluates them in order, each seeing the ones
+  before it), then ``SELECT`` of the row: the lock is ours if the row shows our token;
 * release: an owner-checked ``UPDATE`` marking the row free;
 * renewal: one ``UPDATE ... WHERE lock_key IN (...) AND token = CASE lock_key ...`` per batch,
   and the rows read back.
@@ -121,6 +123,9 @@ UPDATE {locks} SET expires_us = {NOW} + %(ttl_ms)s * 1000
 WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW};
 SELECT fence FROM {locks} WHERE lock_key = %(key)s AND token = %(token)s
   AND expires_us > {NOW}"""
+        self.peek = f"""
+SELECT token = %(token)s, fence, owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
+WHERE lock_key = %(key)s"""
         self.holder = f"""
 SELECT owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
 WHERE lock_key = %(key)s AND expires_us > {NOW}"""
@@ -376,8 +381,11 @@ class MySQLBackend(SQLBackend):
                 return True, int(cur.lastrowid), None, -1
         finally:
             cur.close()
-        # No row yet (insert it), held (read its holder), or already ours (refresh it): the
-        # statement that does each atomically, and the row read back.
+        # Not free: held by another (a plain read says by whom, and writes nothing), or no
+        # row yet, or ours already: the statement that inserts or refreshes atomically.
+        rows = self._one_set(conn, s.peek, {"key": key, "token": token})
+        if rows and not rows[0][0] and int(rows[0][3]) > 0:
+            return False, 0, rows[0][2] or "", int(rows[0][3])
         rows = self._one_set(conn, s.acquire, args)
         if not rows:  # swept between the two statements: it was not taken
             return False, 0, None, -1
