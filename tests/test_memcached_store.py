@@ -558,6 +558,12 @@ def test_three_servers_are_a_redlock_quorum(trio: list[MemcachedServer]) -> None
         assert all(raw(s, key) is None for s in trio)
     finally:
         store.close()
+    # A comma-separated string names the same quorum.
+    joined = open_store(",".join(s.url for s in trio), socket_timeout=0.3)
+    try:
+        assert joined.n_masters == 3 and joined.acquire(new_key(), "t", 5.0).acquired
+    finally:
+        joined.close()
 
 
 @pytest.mark.slow
