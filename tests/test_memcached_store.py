@@ -809,6 +809,25 @@ def test_worker_revoke_terminate_time_limit_and_killed_child_release_within_1s(
 
 
 @pytest.mark.slow
+def test_worker_wait_duplicate_runs_within_the_poll_bound_of_the_release(
+        app_env: McTaskEnv, mc_worker: CeleryWorker) -> None:
+    """lock_on_duplicate="wait" on memcached: no notification, so the waiting duplicate polls
+    (every 50 ms at most) and starts soon after the holder's release."""
+    from tests.apps import mc_app
+
+    slot, first, second = _tag(), _tag(), _tag()
+    holder = mc_app.waiting.apply_async((slot, first, 1.5), queue=WORKER_QUEUE)
+    app_env.started(first)
+    waiter = mc_app.waiting.apply_async((slot, second, 0.0), queue=WORKER_QUEUE)
+    ended = app_env.recorded(first, "end")
+    started = app_env.started(second)["time"]
+    print(f"wait: the duplicate started {(started - ended) * 1000:.0f} ms after the holder ended")
+    assert started >= ended, "the duplicate ran beside the holder"
+    assert started - ended < 0.5
+    assert (holder.get(timeout=10), waiter.get(timeout=10)) == (first, second)
+
+
+@pytest.mark.slow
 def test_worker_revoke_before_start_releases_the_enqueue_lock_within_1s(
         app_env: McTaskEnv, mc_worker: CeleryWorker) -> None:
     from tests.apps import mc_app

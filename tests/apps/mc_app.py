@@ -98,6 +98,16 @@ def queued(self: Any, tag: str) -> str:
     return "ran"
 
 
+@app.task(name="mc.waiting", **_options(lock_on_duplicate="wait", lock_wait_timeout=20.0,
+                                        lock_key=["slot"]))
+def waiting(self: Any, slot: str, tag: str, hold_s: float) -> str:
+    """A duplicate of a running ``waiting`` blocks for the lock (memcached: by polling)."""
+    _started(self, tag)
+    time.sleep(hold_s)
+    _ended(tag)
+    return tag
+
+
 @app.task(name="mc.guarded", **_options())
 def guarded(self: Any, slot: str, hold_s: float) -> int:
     r = records()
