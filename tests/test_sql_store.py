@@ -337,15 +337,17 @@ def test_another_connection_with_the_token_renews_and_releases(db_url: str,
 
 def test_handover_keeps_the_fence_and_never_frees_the_lock(store: LockBackend,
                                                            key: str) -> None:
-    got = store.acquire(key, "enqueue", 5.0, [("owner", "t1"), ("mode", "until_executed")])
+    got = store.acquire(key, "enqueue", 5.0, [("owner", "t1"), ("mode", "until_executed"),
+                                              ("queue", "q1"), ("eta", "soon")])
     fence = store.handover(key, "enqueue", "worker", 9.0, [("mode", "execution"),
-                                                          ("hostname", "w1")])
+                                                          ("hostname", "w1"), ("queue", "q2")])
     assert fence == got.fence
     assert store.owned(key, "worker") and not store.owned(key, "enqueue")
     record = store.lock_info(key)
     assert record is not None and (record.task_id, record.mode, record.hostname) == \
         ("t1", "execution", "w1")
     assert record.ttl_s > 7.0
+    assert (record.views[0].fields["queue"], record.views[0].fields["eta"]) == ("q2", "soon")
     assert store.handover(key, "enqueue", "x", 5.0) is None
 
 
