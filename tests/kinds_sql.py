@@ -16,9 +16,12 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+
+from tests.servers import free_port
 
 KINDS: list[str] = ["postgres", "mysql"]
 
@@ -111,8 +114,7 @@ def _store_mysql() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def _store_mysql_password(_store_mysql: str) -> Iterator[str]:
     """The session's MySQL database through a user of its own with a password (dropped at
-    the end). PostgreSQL has none: the machine's server trusts every local connection, so a
-    wrong password could not be refused."""
+    the end)."""
     parts = urlsplit(_store_mysql)
     database = parts.path.lstrip("/")
     user, password = "csl_" + secrets.token_hex(4), "Pw-" + secrets.token_hex(8)
@@ -132,3 +134,97 @@ def _store_mysql_password(_store_mysql: str) -> Iterator[str]:
                 cur.execute("DROP USER IF EXISTS %s@'%%'", (user,))
         finally:
             admin.close()
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of this test's own (initdb in a temporary directory, a free port,
+    fsync off), so it can really be restarted. Run as the ``postgres`` user when the tests
+    run as root (PostgreSQL refuses root)."""
+
+    def __init__(self, password: str | None = None) -> None:
+        import shutil
+        import tempfile
+
+        self.bindir = self._bindir()
+        if self.bindir is None:
+            pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) here")
+        self.dir = Path(tempfile.mkdtemp(prefix="csl-pg-"))
+        self.port = free_port()
+        self.user: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                pytest.skip("running as root without a postgres user")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.user = ["runuser", "-u", "postgres", "--"]
+        self.password = password
+        auth = ["-A", "trust"]
+        if password is not None:
+            pwfile = self.dir / "pw"
+            pwfile.write_text(password + "\n")
+            if self.user:
+                os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+            auth = ["-A", "scram-sha-256", f"--pwfile={pwfile}"]
+        self._run("initdb", "-D", str(self.dir / "data"), *auth, "-U", "postgres",
+                  "--no-sync", "-E", "UTF8")
+        self.start()
+
+    @staticmethod
+    def _bindir() -> Path | None:
+        import shutil
+        import subprocess
+
+        found = shutil.which("pg_config")
+        if found:
+            out = subprocess.run([found, "--bindir"], capture_output=True, text=True)
+            if out.returncode == 0 and (Path(out.stdout.strip()) / "initdb").exists():
+                return Path(out.stdout.strip())
+        for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+            if (candidate / "initdb").exists():
+                return candidate
+        return None
+
+    def _run(self, tool: str, *args: str) -> None:
+        import subprocess
+
+        assert self.bindir is not None
+        done = subprocess.run([*self.user, str(self.bindir / tool), *args],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {done.stdout}{done.stderr}")
+
+    @property
+    def url(self) -> str:
+        auth = "postgres" if self.password is None else f"postgres:{self.password}"
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-l", str(self.dir / "log"),
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                        "-c fsync=off", "start")
+
+    def crash(self) -> None:
+        """Stop at once, as a crash does (committed rows come back from the WAL)."""
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+
+    def close(self) -> None:
+        import shutil
+
+        with suppress(Exception):  # already stopped
+            self.crash()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _store_postgres_password() -> Iterator[str]:
+    """A PostgreSQL of the session's own that asks for a password (scram-sha-256): the
+    machine's server trusts local connections, so a wrong password would not be refused."""
+    server = PrivatePostgres(password="Pw-" + secrets.token_hex(8))
+    try:
+        yield server.url
+    finally:
+        server.close()

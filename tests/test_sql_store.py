@@ -27,6 +27,7 @@ from celery_singleton_lock.backends.base import Capability, LockBackend, LockRec
 from celery_singleton_lock.backends.registry import open_backend
 from celery_singleton_lock.backends.sql import PAGE_ROWS, TableNames, slot_key
 from celery_singleton_lock.errors import LockBackendError, LockConfigError
+from tests.kinds_sql import PrivatePostgres
 from tests.servers import free_port, wait_until
 
 KIND_PARAMS = ["postgres", "mysql"]
@@ -597,80 +598,6 @@ def test_an_unreachable_database_is_reported_never_taken_for_an_answer(
     finally:
         direct.close()
         relayed.close()
-
-
-class PrivatePostgres:
-    """A PostgreSQL server of this test's own (initdb in a temporary directory, a free port,
-    fsync off), so it can really be restarted. Run as the ``postgres`` user when the tests
-    run as root (PostgreSQL refuses root)."""
-
-    def __init__(self) -> None:
-        import shutil
-        import tempfile
-
-        self.bindir = self._bindir()
-        if self.bindir is None:
-            pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) here")
-        self.dir = Path(tempfile.mkdtemp(prefix="csl-pg-"))
-        self.port = free_port()
-        self.user: list[str] = []
-        if os.geteuid() == 0:
-            import pwd
-
-            try:
-                pw = pwd.getpwnam("postgres")
-            except KeyError:
-                shutil.rmtree(self.dir, ignore_errors=True)
-                pytest.skip("running as root without a postgres user")
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            self.user = ["runuser", "-u", "postgres", "--"]
-        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres",
-                  "--no-sync", "-E", "UTF8")
-        self.start()
-
-    @staticmethod
-    def _bindir() -> Path | None:
-        import shutil
-        import subprocess
-
-        found = shutil.which("pg_config")
-        if found:
-            out = subprocess.run([found, "--bindir"], capture_output=True, text=True)
-            if out.returncode == 0 and (Path(out.stdout.strip()) / "initdb").exists():
-                return Path(out.stdout.strip())
-        for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-            if (candidate / "initdb").exists():
-                return candidate
-        return None
-
-    def _run(self, tool: str, *args: str) -> None:
-        import subprocess
-
-        assert self.bindir is not None
-        done = subprocess.run([*self.user, str(self.bindir / tool), *args],
-                              capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            raise RuntimeError(f"{tool} failed: {done.stdout}{done.stderr}")
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-l", str(self.dir / "log"),
-                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                        "-c fsync=off", "start")
-
-    def crash(self) -> None:
-        """Stop at once, as a crash does (committed rows come back from the WAL)."""
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
-
-    def close(self) -> None:
-        import shutil
-
-        with contextlib.suppress(Exception):  # already stopped
-            self.crash()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.mark.slow
