@@ -266,10 +266,10 @@ def test_a_waiter_that_gives_up_leaves_the_line(
     assert a.acquire(key, t, 30.0).acquired
     started = time.monotonic()
     assert b.wait_released(key, 0.5, lambda: b.acquire(key, tok(), 30.0).acquired) is False
-    assert 0.45 < time.monotonic() - started < 3.0
+    assert 0.45 < time.monotonic() - started < 5.0
     assert len(raw.get_children(parent_path(url, key))) == 1  # its ticket is gone
     assert a.release(key, t)
-    assert not raw.exists(parent_path(url, key))
+    wait_until(lambda: not raw.exists(parent_path(url, key)), 5, message="the parent removed")
 
 
 def test_a_refused_acquire_leaves_no_node_and_names_the_holder(

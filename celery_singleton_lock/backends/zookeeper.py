@@ -316,7 +316,7 @@ class ZooKeeperBackend(LockBackend):
         self._held: dict[tuple[str, str], dict[str, str]] = {}
         #: (thread, lock key) -> the ticket of a wait in progress.
         self._tickets: dict[tuple[int, str], _Ticket] = {}
-        #: (thread, lock key) -> the owner id of the last attempt (a waiter's ticket names it).
+        #: (thread, lock key) of a wait in progress -> the owner id of its last attempt.
         self._owners: dict[tuple[int, str], str] = {}
         #: lock key -> its lock_limit, as last asked (a waiter watches by it).
         self._limits: dict[str, int] = {}
@@ -637,7 +637,8 @@ class ZooKeeperBackend(LockBackend):
             ticket = self._tickets.get(ident)
         fields = self._fields(token, ttl_s, metadata, fixed, limit if slot else None)
         with self._mutex:
-            self._owners[ident] = fields.get("owner", "")
+            if ident in self._owners:  # a wait in progress: its ticket names the owner
+                self._owners[ident] = fields.get("owner", "")
             self._taking.add((key, token))
         try:
             zk = self._client()
@@ -1221,21 +1222,22 @@ class ZooKeeperBackend(LockBackend):
         front = False
         with self._mutex:
             self._wakers.add(wake)
+            self._owners[ident] = ""
         try:
             while True:
-                with self._mutex:
-                    ticket = self._tickets.get(ident)
-                if ticket is None:
-                    try:
-                        self._make_ticket(key, ident)
-                    except _Down as exc:
-                        logger.debug("cannot wait in line for %s: %s", key, exc)
                 wake.clear()
                 if tried():
                     return True
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     return False
+                with self._mutex:
+                    ticket = self._tickets.get(ident)
+                if ticket is None:  # join the line (again, if the session lost the ticket)
+                    try:
+                        self._make_ticket(key, ident)
+                    except _Down as exc:
+                        logger.debug("cannot wait in line for %s: %s", key, exc)
                 try:
                     # At the front yet not taken (a race, a refusal of tried's own): try at
                     # once the first time, then wait for the line to change.
@@ -1247,13 +1249,18 @@ class ZooKeeperBackend(LockBackend):
             with self._mutex:
                 self._wakers.discard(wake)
                 ticket = self._tickets.pop(ident, None)
+                self._owners.pop(ident, None)
             if ticket is not None:
                 self._delete_ticket(ticket)
 
     def _make_ticket(self, key: str, ident: tuple[int, str]) -> None:
         zk = self._client()
         prefix = f"{self._parent(key)}/{_TICKET}{secrets.token_hex(6)}-"
-        path, stat = self._create(zk, prefix, b"", ephemeral=True, sequence=True)
+        with self._mutex:
+            owner = self._owners.get(ident, "")
+        # The waiter's task id, which an attempt refused while it is at the front names.
+        data = self._dump({"owner": owner, "waiting": "1"})
+        path, stat = self._create(zk, prefix, data, ephemeral=True, sequence=True)
         with self._mutex:
             self._tickets[ident] = _Ticket(path, int(stat.czxid))
 
