@@ -498,6 +498,13 @@ class Worker:
         reply = whoami.apply_async(queue=self.idle_queue).get(timeout=timeout_s)
         return str(reply["file"])
 
+    def main_cpu(self, before: dict[int, float], after: dict[int, float]) -> float:
+        """The main process's own share of :func:`cpu_since` (its reaped children included)."""
+        if self._proc is None:
+            return 0.0
+        pid = self._proc.pid
+        return after.get(pid, 0.0) - before.get(pid, 0.0)
+
     def cpu_s(self) -> dict[int, float]:
         """CPU seconds used so far by each process of the worker's tree (see :func:`tree_cpu`)."""
         if self._proc is None:
@@ -621,8 +628,9 @@ class Round:
     publish_stats: dict[str, int]
     worker_stats: dict[str, int]
     #: CPU time per task, in microseconds, of the worker's whole process tree (main process
-    #: and pool children) while it drained the queue.
+    #: and pool children) while it drained the queue, and of its main process alone.
     cpu_us: float = 0.0
+    cpu_main_us: float = 0.0
 
 
 @dataclass
@@ -631,8 +639,10 @@ class Result:
     rounds: list[Round] = field(default_factory=list)
     #: End-to-end tasks per second (publish while the worker consumes), one per round.
     e2e: list[float] = field(default_factory=list)
-    #: CPU microseconds per task of the worker's process tree in those end-to-end passes.
+    #: CPU microseconds per task of the worker's process tree in those end-to-end passes, and
+    #: of its main process alone.
     e2e_cpu_us: list[float] = field(default_factory=list)
+    e2e_cpu_main_us: list[float] = field(default_factory=list)
     #: Round trips to the lock server per phase, from the MONITOR counting pass.
     trips: dict[str, dict[str, int]] = field(default_factory=dict)
     trips_tasks: int = 0
@@ -693,14 +703,17 @@ class Bench:
             wall_s = time.time() - started
         finally:
             worker.stop_consuming(QUEUE)
-        cpu_us = cpu_since(cpu_before, worker.cpu_s()) / n * 1e6
+        cpu_after = worker.cpu_s()
+        cpu_us = cpu_since(cpu_before, cpu_after) / n * 1e6
+        main_us = worker.main_cpu(cpu_before, cpu_after) / n * 1e6
         worker_stats = command_calls(self.locks)
         if trips is not None:
             counted["worker"] = trips.take()
-        return (Round(self._rate(ids, task_name), wall_s, publish_stats, worker_stats, cpu_us),
-                counted)
+        return (Round(self._rate(ids, task_name), wall_s, publish_stats, worker_stats, cpu_us,
+                      main_us), counted)
 
-    def run_end_to_end(self, name: str, n: int, timeout_s: float = 300.0) -> tuple[float, float]:
+    def run_end_to_end(self, name: str, n: int,
+                       timeout_s: float = 300.0) -> tuple[float, float, float]:
         """Tasks per second from the first publish to the last stored result.
 
         The worker already consumes the queue (a first task's result proves its consumer polls
@@ -709,7 +722,8 @@ class Bench:
         span, as they are for a real producer.
 
         Returns the rate and the CPU microseconds per task of the worker's process tree over
-        the same span (from just before the first publish to the last result seen).
+        the same span (from just before the first publish to the last result seen), and of its
+        main process alone.
         """
         task_name, worker = TASKS[name], self.worker_for(name)
         task = app.tasks[task_name]
@@ -725,10 +739,12 @@ class Bench:
             for i in self._args(n):
                 ids.append(task.apply_async((i,), queue=QUEUE).id)
             self._wait_results(task_name, n, timeout_s)
-            cpu_us = cpu_since(cpu_before, worker.cpu_s()) / n * 1e6
+            cpu_after = worker.cpu_s()
         finally:
             worker.stop_consuming(QUEUE)
-        return n / (max(self._done(ids, task_name)) - started), cpu_us
+        cpu_us = cpu_since(cpu_before, cpu_after) / n * 1e6
+        main_us = worker.main_cpu(cpu_before, cpu_after) / n * 1e6
+        return n / (max(self._done(ids, task_name)) - started), cpu_us, main_us
 
     def _wait_results(self, task_name: str, n: int, timeout_s: float) -> None:
         """Poll the result backend until ``n`` results are stored (or fail after the timeout)."""
@@ -780,13 +796,15 @@ def measure(bench: Bench, lock_url: str, names: Sequence[str], *, tasks: int, ro
 
             def timed(name: str = name, r: int = r) -> None:
                 one, _ = bench.run(name, tasks)
-                e2e, e2e_cpu = bench.run_end_to_end(name, tasks)
+                e2e, e2e_cpu, e2e_main = bench.run_end_to_end(name, tasks)
                 results[name].rounds.append(one)
                 results[name].e2e.append(e2e)
                 results[name].e2e_cpu_us.append(e2e_cpu)
+                results[name].e2e_cpu_main_us.append(e2e_main)
                 say(f"round {r + 1}/{rounds} {name}: worker {one.rate:,.0f} tasks/s "
-                    f"({one.cpu_us:,.0f} us CPU/task), end to end {e2e:,.0f} tasks/s "
-                    f"({e2e_cpu:,.0f} us CPU/task)")
+                    f"({one.cpu_us:,.0f} us CPU/task, main process {one.cpu_main_us:,.0f}), "
+                    f"end to end {e2e:,.0f} tasks/s ({e2e_cpu:,.0f} us CPU/task, main process "
+                    f"{e2e_main:,.0f})")
 
             attempt(name, timed)
     if count_tasks:
@@ -1032,7 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload: dict[str, Any] = {
             name: {"error": r.error, "trips": r.trips, "trips_tasks": r.trips_tasks,
                    "rounds": [vars(x) for x in r.rounds], "e2e": r.e2e,
-                   "e2e_cpu_us": r.e2e_cpu_us}
+                   "e2e_cpu_us": r.e2e_cpu_us, "e2e_cpu_main_us": r.e2e_cpu_main_us}
             for name, r in results.items()}
         payload["_environment"] = {"commit": commit, "imported": imported,
                                    "hiredis": _hiredis(), "tasks": args.tasks,
