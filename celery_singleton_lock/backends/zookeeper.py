@@ -264,20 +264,28 @@ class _Down(Exception):
 class _Redact(logging.Filter):
     """Keeps the digest credentials out of kazoo's log records (it logs its requests)."""
 
-    def __init__(self, secrets_: Sequence[str]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets_ if s]
+        #: Every password (and ``user:password``) of a store opened in this process.
+        self.secrets: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a record that cannot be formatted is left alone
             return True
-        if any(s in text for s in self.secrets):
-            for s in self.secrets:
+        found = [s for s in list(self.secrets) if s and s in text]
+        if found:
+            for s in sorted(found, key=len, reverse=True):
                 text = text.replace(s, "***")
             record.msg, record.args = text, None
         return True
+
+
+#: kazoo logs through this logger (its requests included, at DEBUG), through the filter.
+_KAZOO_LOG = logging.getLogger("celery_singleton_lock.backends.zookeeper.kazoo")
+_REDACT = _Redact()
+_KAZOO_LOG.addFilter(_REDACT)
 
 
 # ------------------------------------------------------------------------------------------
@@ -330,10 +338,9 @@ class ZooKeeperBackend(LockBackend):
         self._taking: set[tuple[str, str]] = set()
         self._retries: list[tuple[str, str, float]] = []
         self._wakers: set[threading.Event] = set()
-        self._log = logging.getLogger("celery_singleton_lock.backends.zookeeper.kazoo")
+        self._log = _KAZOO_LOG
         if target.password:
-            self._log.addFilter(_Redact([f"{target.username}:{target.password}",
-                                         target.password]))
+            _REDACT.secrets.update((f"{target.username}:{target.password}", target.password))
 
     @classmethod
     def from_urls(cls, urls: Sequence[str], *, socket_timeout: float, fence_ttl_ms: int,
@@ -378,6 +385,9 @@ class ZooKeeperBackend(LockBackend):
                 self._held.clear()
                 self._tickets.clear()
                 self._orphans.clear()
+                self._suspects.clear()
+                self._taking.clear()
+                self._owners.clear()
                 self._retries.clear()
                 self._wakers.clear()
                 self._pid = os.getpid()
