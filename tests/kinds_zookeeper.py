@@ -11,7 +11,9 @@ or kazoo is installed.
 from __future__ import annotations
 
 import importlib.util
+import os
 import secrets
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -26,7 +28,7 @@ def zookeeper_server() -> Iterator[ZooKeeperServer]:
     """One ZooKeeper server for the whole test session."""
     if importlib.util.find_spec("kazoo") is None:
         pytest.skip("kazoo is not installed (pip install 'celery-singleton-lock[zookeeper]')")
-    if find_classpath() is None:
+    if find_classpath() is None or not (os.environ.get("JAVA") or shutil.which("java")):
         pytest.skip("no ZooKeeper server installed (apt-get install zookeeper)")
     with ZooKeeperServer() as server:
         yield server
