@@ -696,7 +696,10 @@ def task_env(server: MemcachedServer) -> Iterator[McTaskEnv]:
     try:
         yield env
     finally:
-        env.close()
+        try:
+            env.close()
+        finally:
+            mc_app.queued.lock_store.close()  # the enqueue locks' store, in this process
 
 
 @pytest.fixture(scope="module")
@@ -1010,7 +1013,8 @@ def test_a_holder_stopped_past_its_ttl_never_removes_its_successors_lock(
         assert holder.stdout is not None and holder.stdin is not None
         key, fence = holder.stdout.readline().split()
         os.kill(holder.pid, signal.SIGSTOP)
-        successor = Redlock(name, url=mcd.url, ttl=30.0)
+        store = open_store(mcd.url, socket_timeout=0.5)
+        successor = Redlock(name, store=store, ttl=30.0)
         wait_until(lambda: successor.acquire(blocking=False), 5.0, interval_s=0.05,
                    message="the frozen holder's lock to lapse")
         assert successor.fencing_token > int(fence)
@@ -1022,6 +1026,7 @@ def test_a_holder_stopped_past_its_ttl_never_removes_its_successors_lock(
         assert (owned, extended, released) == ("False", "False", "False")
         assert raw(mcd, key) == before and successor.owned()
         assert successor.release()
+        store.close()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(holder.pid, signal.SIGCONT)
@@ -1084,7 +1089,8 @@ def test_a_lock_memcached_evicts_is_reported_lost_at_the_next_renewal() -> None:
 
     with MemcachedServer(memory_mb=2) as s:
         lost = threading.Event()
-        lock = Redlock(f"evicted-{uuid.uuid4().hex}", url=s.url, ttl=3.0, renew=True,
+        store = open_store(s.url, socket_timeout=0.5)
+        lock = Redlock(f"evicted-{uuid.uuid4().hex}", store=store, ttl=3.0, renew=True,
                        on_lost=lambda lease: lost.set())
         assert lock.acquire(blocking=False)
         try:
@@ -1106,6 +1112,7 @@ def test_a_lock_memcached_evicts_is_reported_lost_at_the_next_renewal() -> None:
             assert not lock.owned()
         finally:
             assert lock.release() is False
+            store.close()
 
 
 def test_a_forked_child_opens_its_own_connections(trio: list[MemcachedServer]) -> None:
@@ -1151,9 +1158,10 @@ def test_servers_restarted_one_at_a_time_never_leave_the_holder_short_of_a_quoru
     urls = [s.url for s in trio]
     ttl = 3.0
     name = f"restarts-{uuid.uuid4().hex}"
-    holder = Redlock(name, url=urls, ttl=ttl, renew=True)
+    stores = [open_store(urls, socket_timeout=0.5) for _ in range(2)]
+    holder = Redlock(name, store=stores[0], ttl=ttl, renew=True)
     assert holder.acquire(blocking=False)
-    duplicate = Redlock(name, url=urls, ttl=ttl)
+    duplicate = Redlock(name, store=stores[1], ttl=ttl)
     try:
         fence = holder.fencing_token
         for server in trio:
@@ -1170,3 +1178,5 @@ def test_servers_restarted_one_at_a_time_never_leave_the_holder_short_of_a_quoru
     finally:
         holder.release()
         duplicate.release()
+        for store in stores:
+            store.close()
