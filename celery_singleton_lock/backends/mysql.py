@@ -142,7 +142,7 @@ WHERE lock_key = %(key)s AND expires_us > {NOW}"""
         page = f"""
 SELECT {_COLS}, expires_us - {NOW} FROM {locks}
 WHERE lock_key >= %(low)s AND lock_key > %(after)s {{high}}
-ORDER BY lock_key LIMIT {PAGE_ROWS}"""
+ORDER BY lock_key LIMIT %(rows)s"""
         self.page = page.format(high="AND lock_key < %(high)s")
         self.page_open = page.format(high="")
         self.follow = f"""
@@ -167,7 +167,7 @@ ON DUPLICATE KEY UPDATE last_run = VALUES(last_run)"""
         self.runs = f"SELECT entry, last_run FROM {runs} WHERE state_key = %(state_key)s"
         self.sweep_page = f"""
 SELECT MAX(lock_key), COUNT(*) FROM (SELECT lock_key FROM {locks} WHERE lock_key > %(after)s
-                                     ORDER BY lock_key LIMIT {PAGE_ROWS}) p"""
+                                     ORDER BY lock_key LIMIT %(rows)s) p"""
         self.sweep = f"""
 DELETE FROM {locks} WHERE lock_key > %(after)s AND lock_key <= %(last)s
   AND expires_us <= {NOW} AND acquired_us < {NOW} - %(fence_ttl_ms)s * 1000;
@@ -497,7 +497,7 @@ class MySQLBackend(SQLBackend):
         s = self.st(t)
         return [tuple(r) for r in self._one_set(
             conn, s.page if high is not None else s.page_open,
-            {"low": low, "high": high, "after": after or ""})]
+            {"low": low, "high": high, "after": after or "", "rows": self.page_rows})]
 
     def op_follow(self, conn: Any, t: TableNames, key: str, task_id: str,
                   ttl_ms: int) -> str | None:
@@ -538,9 +538,10 @@ class MySQLBackend(SQLBackend):
 
     def op_sweep(self, conn: Any, t: TableNames, after: str) -> tuple[str | None, int]:
         s = self.st(t)
-        last, n_page = self._one_set(conn, s.sweep_page, {"after": after})[0]
+        last, n_page = self._one_set(conn, s.sweep_page,
+                                     {"after": after, "rows": self.page_rows})[0]
         deleted = 0
         results = self._multi(conn, s.sweep, {"after": after, "last": last or after,
                                               "fence_ttl_ms": self.fence_ttl_ms})
         deleted = sum(max(0, n) for n, _ in results)
-        return (last if int(n_page) >= PAGE_ROWS else None), deleted
+        return (last if int(n_page) >= self.page_rows else None), deleted

@@ -156,7 +156,7 @@ WHERE lock_key = %(key)s AND expires_us > {NOW}"""
         page = f"""
 SELECT {_COLS}, expires_us - {NOW} FROM {locks}
 WHERE lock_key >= %(low)s AND lock_key > %(after)s {{high}}
-ORDER BY lock_key LIMIT {PAGE_ROWS}"""
+ORDER BY lock_key LIMIT %(rows)s"""
         self.page = page.format(high="AND lock_key < %(high)s")
         self.page_open = page.format(high="")
         self.follow = f"""
@@ -186,7 +186,7 @@ SELECT (SELECT count(*) FROM leader), (SELECT count(*) FROM w)"""
         self.runs = f"SELECT entry, last_run FROM {runs} WHERE state_key = %(state_key)s"
         self.sweep = f"""
 WITH page AS (SELECT lock_key FROM {locks} WHERE lock_key > %(after)s
-              ORDER BY lock_key LIMIT {PAGE_ROWS}),
+              ORDER BY lock_key LIMIT %(rows)s),
 d AS (DELETE FROM {locks} l USING page p
       WHERE l.lock_key = p.lock_key AND l.expires_us <= {NOW} AND l.wait_until_us <= {NOW}
         AND l.acquired_us < {NOW} - %(fence_ttl_ms)s::bigint * 1000
@@ -432,7 +432,7 @@ class PostgresBackend(SQLBackend):
     def op_page(self, conn: Any, t: TableNames, low: str, high: str | None,
                 after: str | None) -> list[tuple[Any, ...]]:
         s = self.st(t)
-        params = {"low": low, "high": high, "after": after or ""}
+        params = {"low": low, "high": high, "after": after or "", "rows": self.page_rows}
         return [tuple(r) for r in conn.execute(s.page if high is not None else s.page_open,
                                                params).fetchall()]
 
@@ -464,8 +464,8 @@ class PostgresBackend(SQLBackend):
 
     def op_sweep(self, conn: Any, t: TableNames, after: str) -> tuple[str | None, int]:
         last, n_page, deleted = conn.execute(self.st(t).sweep, {
-            "after": after, "fence_ttl_ms": self.fence_ttl_ms}).fetchone()
-        return (last if n_page >= PAGE_ROWS else None), int(deleted)
+            "after": after, "fence_ttl_ms": self.fence_ttl_ms, "rows": self.page_rows}).fetchone()
+        return (last if n_page >= self.page_rows else None), int(deleted)
 
     # -- waiting ---------------------------------------------------------------------------
 

@@ -343,6 +343,8 @@ class SQLBackend(LockBackend):
         #: Bound on one statement: a database commits slower than Redis answers.
         self.statement_timeout_s = max(1.0, 5.0 * socket_timeout)
         self.fence_ttl_ms = int(fence_ttl_ms)
+        #: Rows read per listing page and per sweep (one bounded query each).
+        self.page_rows = PAGE_ROWS
         self._pool = ConnectionPool(self)
         self._ready: set[str] = set()
         self._ready_lock = threading.Lock()
@@ -521,7 +523,7 @@ class SQLBackend(LockBackend):
     @abc.abstractmethod
     def op_page(self, conn: Any, t: TableNames, low: str, high: str | None,
                 after: str | None) -> list[tuple[Any, ...]]:
-        """Up to :data:`PAGE_ROWS` rows with ``low <= key < high`` (and ``key > after``) in
+        """Up to :attr:`page_rows` rows with ``low <= key < high`` (and ``key > after``) in
         key order, as :data:`READ_COLUMNS` + µs left (<= 0: not held)."""
 
     @abc.abstractmethod
@@ -540,7 +542,7 @@ class SQLBackend(LockBackend):
 
     @abc.abstractmethod
     def op_sweep(self, conn: Any, t: TableNames, after: str) -> tuple[str | None, int]:
-        """Delete, among the next :data:`PAGE_ROWS` keys after ``after``, the free rows last
+        """Delete, among the next :attr:`page_rows` keys after ``after``, the free rows last
         acquired more than ``fence_ttl_ms`` ago, and expired follow-ups. Returns (the last key
         of the page or None at the end of the table, rows deleted)."""
 
@@ -733,7 +735,7 @@ class SQLBackend(LockBackend):
                 seen += 1
                 if limit is not None and seen >= limit:
                     return
-            if len(rows) < PAGE_ROWS:
+            if len(rows) < self.page_rows:
                 return
             after = rows[-1][0]
 
