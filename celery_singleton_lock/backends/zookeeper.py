@@ -1448,8 +1448,9 @@ class ZooKeeperBackend(LockBackend):
 
     def list_locks(self, prefix: str, *, pattern: str | None = None, limit: int | None = None,
                    errors: list[str] | None = None) -> list[LockRecord]:
-        """Walk the lock parents one bucket at a time, reading ``PAGE`` parents a round trip;
-        empty parents met on the way are removed."""
+        """Walk the buckets ``PAGE`` at a time and read their lock parents ``PAGE`` a round
+        trip (no reply carries more than one bucket's keys); empty parents met on the way are
+        removed."""
         from kazoo.exceptions import NoNodeError
 
         records: list[LockRecord] = []
@@ -1460,19 +1461,21 @@ class ZooKeeperBackend(LockBackend):
                 buckets = sorted(self._result(zk.get_children_async(f"{self._root}/locks")))
             except NoNodeError:
                 return []
-            for b in range(0, len(buckets), PAGE // 4 or 1):
-                page = buckets[b:b + (PAGE // 4 or 1)]
-                listed = [(bk, zk.get_children_async(f"{self._root}/locks/{bk}")) for bk in page]
-                keys: list[str] = []
-                for _bk, pending in listed:
+            keys: list[str] = []
+            for b in range(0, len(buckets), PAGE):
+                # One page of buckets a round trip; their keys read PAGE parents a trip.
+                listed = [zk.get_children_async(f"{self._root}/locks/{bk}")
+                          for bk in buckets[b:b + PAGE]]
+                for pending in listed:
                     for name in self._quiet(pending) or ():
                         key = unquote(name)
                         if (fnmatch.fnmatchcase(key, pattern) if pattern
                                 else key.startswith(head)):
                             keys.append(key)
-                keys.sort()
-                for k in range(0, len(keys), PAGE):
-                    records.extend(self._read_parents(zk, keys[k:k + PAGE]))
+                last = b + PAGE >= len(buckets)
+                while len(keys) >= PAGE or (last and keys):
+                    page, keys = keys[:PAGE], keys[PAGE:]
+                    records.extend(self._read_parents(zk, page))
                     if limit is not None and len(records) >= limit:
                         return records[:limit]
         except _Down as exc:
