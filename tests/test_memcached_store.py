@@ -1180,3 +1180,21 @@ def test_servers_restarted_one_at_a_time_never_leave_the_holder_short_of_a_quoru
         duplicate.release()
         for store in stores:
             store.close()
+
+
+def test_a_server_without_cas_is_refused() -> None:
+    """``memcached -C`` gives every item version 0: no owner check could hold, so the store
+    refuses it when opened, and an operation that meets it says why."""
+    with MemcachedServer(extra_args=("-C",)) as s:
+        with pytest.raises(LockConfigError, match=r"CAS disabled \(-C\)") as info:
+            open_store(s.url, socket_timeout=0.5)
+        assert info.value.setting == "singleton_lock_url"
+        member = MemcachedMember("127.0.0.1", s.port, socket_timeout=0.5)  # never probed
+        try:
+            key = new_key()
+            grant, release = member.run([acquire(key, "tok"), Release(key, "tok")])
+            assert grant.acquired  # add needs no CAS
+            assert isinstance(release, LockBackendError) and "CAS disabled" in str(release)
+            assert raw(s, key) is not None
+        finally:
+            member.close()

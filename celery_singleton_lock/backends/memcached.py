@@ -115,6 +115,9 @@ _RUNS_SUFFIX = "%:runs"
 _AUX_MARK = "%:"
 _LONGEST_SUFFIX = max(len(_FENCE_SUFFIX), len(_FOLLOW_SUFFIX), len(_RUNS_SUFFIX))
 
+_NO_CAS = ("memcached runs with CAS disabled (-C): renewal and release cannot check the "
+           "owner; start it without -C")
+
 _UNSAFE_KEY_BYTES = re.compile(rb"[^\x21-\x24\x26-\x7e]")
 _SLOT_SUFFIX = re.compile(r"(?<=\}):slot:\d+$")
 
@@ -280,6 +283,15 @@ class _Conn:
         self.client = client
         self.answered = 0
         self.pooled = pooled
+
+    def cas(self, key: str, value: bytes, cas: Any, expire: int) -> bool | None:
+        """``cas`` on the version ``gets`` read; a server without CAS (``memcached -C``)
+        gives every item version 0, on which no owner check can hold."""
+        if cas in (b"0", 0, None):
+            raise LockBackendError(_NO_CAS)
+        result: bool | None = self.client.cas(key, value, cas, expire)
+        self.answered += 1
+        return result
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.client, name)
@@ -470,7 +482,7 @@ class MemcachedMember(QuorumMember):
         _driver()
         host, port = _parse(url, setting)
         member = cls(host, port, socket_timeout=socket_timeout)
-        member.probe()
+        member.probe(setting)
         return member
 
     @classmethod
@@ -484,9 +496,11 @@ class MemcachedMember(QuorumMember):
                     f"{redact_url(seen[server])}, {redact_url(url)}", setting=setting)
             seen[server] = url
 
-    def probe(self) -> None:
+    def probe(self, setting: str = "singleton_lock_url") -> None:
         """Learn whether the server can list keys; without it, drop :attr:`Capability.LIST`.
-        An unreachable server is assumed able (listing then fails with the reason)."""
+        A server without CAS is refused (LockConfigError naming ``setting``). An unreachable
+        server is assumed able (listing then fails with the reason, an operation without
+        CAS with :data:`_NO_CAS`)."""
         conn = self._pool.get()
         try:
             settings = conn.stats("settings")
@@ -495,6 +509,8 @@ class MemcachedMember(QuorumMember):
             self._pool.discard(conn)
             return
         self._pool.put(conn)
+        if settings.get(b"cas_enabled") in (False, 0, b"no", "no"):
+            raise LockConfigError(f"{setting}: {self.name}: {_NO_CAS}", setting=setting)
         crawler = settings.get(b"lru_crawler")
         self.can_list = crawler in (True, 1, b"yes", "yes")
         if not self.can_list:
