@@ -1198,3 +1198,29 @@ def test_a_server_without_cas_is_refused() -> None:
             assert raw(s, key) is not None
         finally:
             member.close()
+
+
+def test_with_dash_m_memcached_refuses_new_items_instead_of_evicting_a_held_lock() -> None:
+    """``memcached -M`` answers "out of memory" instead of evicting: a flood that would have
+    evicted the lock (see the test above) is refused and the holder keeps its lock."""
+    from pymemcache.exceptions import MemcacheServerError
+
+    with MemcachedServer(memory_mb=2, extra_args=("-M",)) as s:
+        member = MemcachedMember.from_url(s.url, socket_timeout=0.5, setting="x")
+        client = s.client()
+        try:
+            key = new_key()
+            [grant] = member.run([acquire(key, "tok", ttl_ms=30_000)])
+            assert grant.acquired
+            stored = mc.stored_key(key)
+            size = len(client.get(stored))
+            with pytest.raises(MemcacheServerError, match="out of memory"):
+                for n in range(0, 60_000, 1000):
+                    client.set_many({f"{n + i:0{len(stored)}d}": b"v" * size
+                                     for i in range(1000)}, expire=0, noreply=False)
+            assert client.stats()[b"evictions"] == 0
+            [view] = member.run([Read(key)])
+            assert view.held and view.token == "tok"
+        finally:
+            client.close()
+            member.close()
