@@ -395,6 +395,19 @@ def test_closing_a_store_ends_its_session_and_its_locks_at_once(
     assert a.acquire(key, tok(), 30.0).acquired  # a closed store opens again
 
 
+def test_a_process_that_exits_without_releasing_ends_its_session_at_exit(
+        open_store: Callable[..., ZooKeeperBackend], url: str) -> None:
+    key = new_key()
+    code = ("import sys\nfrom celery_singleton_lock.backends.registry import open_backend\n"
+            "store = open_backend(sys.argv[1], socket_timeout=2.0)\n"
+            "assert store.acquire(sys.argv[2], 'tok', 30.0, [('owner', 'script')]).acquired\n")
+    subprocess.run([sys.executable, "-c", code, url, key], check=True, timeout=60)
+    ended = time.monotonic()
+    # Gone at once (the session closed at exit), not a session timeout (20 s) later.
+    assert open_store().holder(key) is None
+    assert time.monotonic() - ended < 5.0
+
+
 def test_renewal_by_another_session_adopts_the_lock(
         open_store: Callable[..., ZooKeeperBackend]) -> None:
     child, main, other = open_store(), open_store(), open_store()

@@ -41,6 +41,8 @@ parent's client: it opens a session of its own on first use.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -50,6 +52,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -282,6 +285,18 @@ class _Redact(logging.Filter):
         return True
 
 
+#: Every store of this module, so the interpreter's exit ends their sessions at once (their
+#: locks go then, not a session timeout later).
+_OPEN: weakref.WeakSet[ZooKeeperBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for store in list(_OPEN):
+        with contextlib.suppress(Exception):  # the interpreter is going away
+            store.close()
+
+
 #: kazoo logs through this logger (its requests included, at DEBUG), through the filter.
 _KAZOO_LOG = logging.getLogger("celery_singleton_lock.backends.zookeeper.kazoo")
 _REDACT = _Redact()
@@ -339,6 +354,7 @@ class ZooKeeperBackend(LockBackend):
         self._retries: list[tuple[str, str, float]] = []
         self._wakers: set[threading.Event] = set()
         self._log = _KAZOO_LOG
+        _OPEN.add(self)
         if target.password:
             _REDACT.secrets.update((f"{target.username}:{target.password}", target.password))
 
