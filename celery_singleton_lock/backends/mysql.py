@@ -232,7 +232,7 @@ class MySQLBackend(SQLBackend):
         try:
             import pymysql  # noqa: F401
         except ImportError as exc:
-            raise cls.missing_driver(setting, exc) from exc
+            raise cls.missing_driver(setting, exc, url) from exc
         params = cls.parse_url(url, setting, socket_timeout)
         return cls(url, params, socket_timeout=socket_timeout, fence_ttl_ms=fence_ttl_ms)
 

@@ -263,7 +263,7 @@ class PostgresBackend(SQLBackend):
             import psycopg  # noqa: F401
             from psycopg.conninfo import conninfo_to_dict
         except ImportError as exc:
-            raise cls.missing_driver(setting, exc) from exc
+            raise cls.missing_driver(setting, exc, url) from exc
         scheme = url.split("://", 1)[0].lower() if "://" in url else ""
         if scheme not in cls.schemes:
             raise LockConfigError(f"{setting}: not a postgresql:// URL: {redact_url(url)}",

@@ -376,9 +376,10 @@ class SQLBackend(LockBackend):
         return url.strip()
 
     @classmethod
-    def missing_driver(cls, setting: str, exc: ImportError) -> LockConfigError:
+    def missing_driver(cls, setting: str, exc: ImportError, url: str = "") -> LockConfigError:
+        scheme = url.split("://", 1)[0].lower() if "://" in url else cls.schemes[0]
         return LockConfigError(
-            f"{setting}: the {cls.schemes[0]}:// lock store needs a driver that is not "
+            f"{setting}: the {scheme}:// lock store needs a driver that is not "
             f"installed ({exc}); pip install 'celery-singleton-lock[{cls.extra}]'",
             setting=setting,
         )
