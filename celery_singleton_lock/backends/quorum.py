@@ -12,6 +12,7 @@ One URL is a quorum of one: the same code, with nothing to agree on.
 from __future__ import annotations
 
 import logging
+import random
 import select
 import threading
 import time
@@ -568,7 +569,9 @@ class Quorum(LockBackend):
                     return False
                 # Wake on a release, or at the latest after 1 s to notice an expired lock
                 # (expiry publishes nothing).
-                wait = min(remaining, POLL_S if polled else 1.0)
+                # Polls are jittered (half to all of POLL_S), so waiters started together
+                # do not keep asking at the same instant.
+                wait = min(remaining, POLL_S * random.uniform(0.5, 1.0) if polled else 1.0)
                 fds = []
                 for s in subs:
                     try:
