@@ -341,8 +341,8 @@ class ZooKeeperBackend(LockBackend):
         self._tickets: dict[tuple[int, str], _Ticket] = {}
         #: (thread, lock key) of a wait in progress -> the owner id of its last attempt.
         self._owners: dict[tuple[int, str], str] = {}
-        #: lock key -> its lock_limit, as last asked (a waiter watches by it).
-        self._limits: dict[str, int] = {}
+        #: (thread, lock key) of a wait in progress -> the lock_limit it asks (it watches by it).
+        self._limits: dict[tuple[int, str], int] = {}
         #: Nodes of ours to delete that a failed request may have left (an acquire that timed
         #: out, a ticket), and releases to retry until their deadline.
         self._orphans: set[str] = set()
@@ -404,6 +404,7 @@ class ZooKeeperBackend(LockBackend):
                 self._suspects.clear()
                 self._taking.clear()
                 self._owners.clear()
+                self._limits.clear()
                 self._retries.clear()
                 self._wakers.clear()
                 self._pid = os.getpid()
@@ -658,13 +659,12 @@ class ZooKeeperBackend(LockBackend):
               *, slot: bool) -> AcquireResult:
         started = self.clock()
         ident = (threading.get_ident(), key)
-        with self._mutex:
-            self._limits[key] = limit
-            ticket = self._tickets.get(ident)
         fields = self._fields(token, ttl_s, metadata, fixed, limit if slot else None)
         with self._mutex:
-            if ident in self._owners:  # a wait in progress: its ticket names the owner
+            ticket = self._tickets.get(ident)
+            if ident in self._owners:  # a wait in progress: its ticket names the owner, and
                 self._owners[ident] = fields.get("owner", "")
+                self._limits[ident] = limit  # it watches the line by the limit
             self._taking.add((key, token))
         try:
             zk = self._client()
@@ -1276,6 +1276,7 @@ class ZooKeeperBackend(LockBackend):
                 self._wakers.discard(wake)
                 ticket = self._tickets.pop(ident, None)
                 self._owners.pop(ident, None)
+                self._limits.pop(ident, None)
             if ticket is not None:
                 self._delete_ticket(ticket)
 
@@ -1313,7 +1314,7 @@ class ZooKeeperBackend(LockBackend):
 
         with self._mutex:
             ticket = self._tickets.get(ident)
-            limit = self._limits.get(key, 1)
+            limit = self._limits.get(ident, 1)
         if ticket is None:
             wake.set()
             return False
