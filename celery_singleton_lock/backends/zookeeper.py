@@ -1637,7 +1637,9 @@ class ZooKeeperBackend(LockBackend):
             except _Down:
                 with self._mutex:
                     self._suspects.add(suspect)
-        for path in orphans:
+        with self._mutex:
+            held = set(self._paths.values())  # a retry with the same token may have kept it
+        for path in orphans - held:
             try:
                 self._result(zk.delete_async(path))
             except NoNodeError:
