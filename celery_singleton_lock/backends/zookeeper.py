@@ -1639,7 +1639,11 @@ class ZooKeeperBackend(LockBackend):
                     self._suspects.add(suspect)
         with self._mutex:
             held = set(self._paths.values())  # a retry with the same token may have kept it
+            taking = tuple(f"{self._parent(k)}/{_LOCK}{_encode(t)}-" for k, t in self._taking)
         for path in orphans - held:
+            if taking and path.startswith(taking):
+                self._orphan(path)  # an acquire with its token runs: look again later
+                continue
             try:
                 self._result(zk.delete_async(path))
             except NoNodeError:
