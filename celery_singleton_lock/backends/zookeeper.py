@@ -6,12 +6,13 @@ URL's chroot::
 
     /locks/<bucket>/<key>/l-<token>-<sequence>   a holder (data: its metadata, JSON)
     /locks/<bucket>/<key>/w-<ticket>-<sequence>  a place in line of a waiting ``wait``
+    /locks/<bucket>/<key>/slot-<i>               slot number i of a ``lock_limit`` holder
     /follow/<bucket>/<key>                       the key's one follow-up (``coalesce``)
     /beat/<bucket>/<key>                         beat's last runs (JSON)
 
 ``<key>`` is the lock key, percent-encoded where ZooKeeper forbids a character; ``<bucket>``
 is two hex digits of its SHA-1, so no parent has more children than one reply can carry and
-``celery locks list`` walks the keys one bucket (a bounded page) at a time.
+``celery locks list`` reads the keys in bounded pages of buckets.
 
 * **Fencing token**: the creation zxid (``czxid``) of the node that first took the lock's place
   in line. zxids grow with every write to the ensemble, and a key's holders take their turns
@@ -33,7 +34,8 @@ is two hex digits of its SHA-1, so no parent has more children than one reply ca
 * **Handover** (enqueue locks): the same transaction moves the lock to the session of the
   process that takes it over, under the new token.
 * Parent nodes of released keys are deleted as the last holder leaves (a delete that fails
-  while the parent has children); listing also removes the empty parents it walks past.
+  while the parent has children); listing also removes the empty parents it walks past, and
+  :meth:`~ZooKeeperBackend.maintain` the nodes of creates whose answer was lost.
 
 Every request is bounded by ``singleton_lock_socket_timeout``. A forked child never uses its
 parent's client: it opens a session of its own on first use.
