@@ -84,6 +84,7 @@ for _path in (str(REPO_ROOT), str(HERE)):
 from celery import Celery  # noqa: E402
 
 from celery_singleton_lock import LockedTask, Redlock  # noqa: E402
+from celery_singleton_lock.urls import redact_url  # noqa: E402
 
 DEFAULT_CYCLES = 2000
 DEFAULT_ROUNDS = 5
@@ -757,12 +758,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             urls["postgres"] = stack.enter_context(postgres_database(args.postgres))
             environment.append(_pg_environment(urls["postgres"]))
         except Exception as exc:
-            say(f"PostgreSQL unavailable at {args.postgres}: {exc}")
+            say(f"PostgreSQL unavailable at {redact_url(args.postgres)}: {redact_url(str(exc))}")
         try:
             urls["mysql"] = stack.enter_context(mysql_database(args.mysql))
             environment.append(_mysql_environment(args.mysql))
         except Exception as exc:
-            say(f"MariaDB unavailable at {args.mysql}: {exc}")
+            say(f"MariaDB unavailable at {redact_url(args.mysql)}: {redact_url(str(exc))}")
         lock_server = RedisServer().start()
         stack.callback(lock_server.close)
         urls["redis"] = lock_server.url
