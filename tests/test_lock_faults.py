@@ -31,7 +31,6 @@ from celery_singleton_lock.errors import LockBackendError, LockConfigError
 from celery_singleton_lock.lease import Lease
 from celery_singleton_lock.lock import Redlock
 from celery_singleton_lock.renewer import get_renewer
-from celery_singleton_lock.backends.base import Extend
 from celery_singleton_lock.backends.quorum import Quorum
 from celery_singleton_lock.backends.redis.wire import SCRIPTS
 from celery_singleton_lock.backends.registry import open_backend
@@ -412,7 +411,7 @@ def _commandstats(client: redis.Redis) -> dict[str, int]:
 
 
 class RoundTrips:
-    """Counts the round trips a store makes to each master (a spy on ``submit``).
+    """Counts the round trips a store makes to each master (a spy on each node's ``send``).
 
     Only batches of renewals (``extend`` script calls) are counted, from the moment the spy
     is installed: nothing is ever reset, so a batch in flight at a reset cannot be half
@@ -423,15 +422,16 @@ class RoundTrips:
         self.per_node = [0] * len(store.members)
         self.calls_per_node = [0] * len(store.members)
         for i, member in enumerate(store.members):
-            submit = member.submit
+            node = member.node  # type: ignore[attr-defined]
+            send = node.send
 
-            def counting(ops: Any, _i: int = i, _submit: Any = submit) -> Any:
-                if ops and all(type(op) is Extend for op in ops):
+            def counting(calls: Any, *args: Any, _i: int = i, _send: Any = send) -> Any:
+                if calls and all(c.script == "extend" for c in calls):
                     self.per_node[_i] += 1
-                    self.calls_per_node[_i] += len(ops)
-                return _submit(ops)
+                    self.calls_per_node[_i] += len(calls)
+                return _send(calls, *args)
 
-            member.submit = counting  # type: ignore[method-assign]
+            node.send = counting  # type: ignore[method-assign]
 
 
 LOCKS = 1000

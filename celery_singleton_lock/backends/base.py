@@ -663,6 +663,12 @@ class QuorumMember(abc.ABC):
     def run(self, ops: Sequence[Op]) -> list[Any]:
         return self.submit(ops).receive()
 
+    @classmethod
+    def submit_all(cls, members: Sequence[QuorumMember], ops: Sequence[Op]) -> list[Pending]:
+        """:meth:`submit` ``ops`` to each of ``members`` (all of this class), in order: a
+        class may prepare the batch once for all of them. Reads nothing."""
+        return [m.submit(ops) for m in members]
+
     def post(self, ops: Sequence[Op], done: Callable[[list[Any]], None]) -> None:
         """Send ``ops`` without waiting; ``done(results)`` runs when they are read (the default:
         at once)."""

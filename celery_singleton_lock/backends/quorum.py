@@ -185,6 +185,9 @@ class Quorum(LockBackend):
         #: Members without notifications are polled this often by waiters, at most.
         self.poll_interval_s = POLL_S if any(Capability.NOTIFY not in m.capabilities
                                              for m in self.members) else 1.0
+        kinds = {type(m) for m in self.members}
+        #: The members' class when they share one: it sends a batch to all of them at once.
+        self._kind = kinds.pop() if len(kinds) == 1 else None
         caps = frozenset.intersection(*(frozenset(m.capabilities) for m in self.members))
         self.capabilities = caps - {Capability.QUORUM_MEMBER}  # type: ignore[misc]
         self._cleanup_lock = threading.Lock()
@@ -209,14 +212,18 @@ class Quorum(LockBackend):
 
     # -- the round trip -------------------------------------------------------------------
 
+    def _submit(self, ops: Sequence[Op]) -> list[Pending]:
+        """Send ``ops`` to every member, reading nothing yet."""
+        kind = self._kind
+        if kind is not None:
+            return kind.submit_all(self.members, ops)
+        return [m.submit(ops) for m in self.members]
+
     def _run(self, op: Op) -> list[Any]:
         """``op`` on every member (sent to all, then read): one result per member."""
-        members = self.members
-        if len(members) == 1:
-            return members[0].submit((op,)).receive()
-        ops = (op,)
-        pending = [m.submit(ops) for m in members]
-        return [p.receive()[0] for p in pending]
+        if len(self.members) == 1:
+            return self.members[0].submit((op,)).receive()
+        return [p.receive()[0] for p in self._submit((op,))]
 
     def _run_on(self, indexes: Iterable[int], op: Op) -> dict[int, Any]:
         ops = (op,)
@@ -247,10 +254,8 @@ class Quorum(LockBackend):
         ``finish()`` must be called: until then each member's connection is taken."""
         op = Acquire(key, token, max(1, int(ttl_s * 1000)), self.fence_ttl_ms,
                      tuple(metadata), fixed)
-        ops = (op,)
         started = self.clock()
-        pending = [m.submit(ops) for m in self.members]
-        return QuorumAcquire(self, key, token, ttl_s, started, pending)
+        return QuorumAcquire(self, key, token, ttl_s, started, self._submit((op,)))
 
     def _judge_acquire(self, key: str, token: str, ttl_s: float, started: float,
                        results: list[Any]) -> AcquireResult:
@@ -348,12 +353,15 @@ class Quorum(LockBackend):
     def _release(self, key: str, token: str, indexes: Iterable[int] | None,
                  deadline: float | None) -> int:
         op = Release(key, token, self.notify)
-        if indexes is None:
-            results = dict(enumerate(self._run(op)))
-        else:
-            results = self._run_on(indexes, op)
-        released = sum(1 for r in results.values() if r is True)
-        if any(isinstance(r, BaseException) for r in results.values()):
+        results = self._run(op) if indexes is None else self._run_on(indexes, op).values()
+        released = 0
+        failed = False
+        for r in results:
+            if r is True:
+                released += 1
+            elif r is not False:
+                failed = True  # an exception stands for the result
+        if failed:
             self._retry_later(key, token, deadline)
         return released
 
@@ -430,8 +438,7 @@ class Quorum(LockBackend):
         if not items:
             return []
         ops = [Extend(it.key, it.token, it.ttl_ms, count_renewal) for it in items]
-        pending = [m.submit(ops) for m in self.members]
-        per_member = [p.receive() for p in pending]
+        per_member = [p.receive() for p in self._submit(ops)]
         verdicts: list[bool | None] = []
         restore: dict[int, list[Op]] = {}
         n = len(self.members)

@@ -51,6 +51,7 @@ from .wire import (
     _as_int,
     _pack_args,
     _text,
+    pack_resp,
 )
 
 __all__ = ["RedisMember", "SentinelMember", "ClusterMember"]
@@ -73,11 +74,13 @@ def _flat(pairs: Sequence[tuple[str, Any]]) -> list[Any]:
     return [item for pair in pairs for item in pair]
 
 
-def _fixed_resp(fixed: Any) -> bytes:
-    packed = fixed.cache.get("resp")
-    if packed is None:
-        packed = fixed.cache["resp"] = _pack_args(_flat(fixed.pairs))
-    return packed
+def _fixed_resp(fixed: Any) -> tuple[list[Any], bytes]:
+    """``fixed``'s pairs flattened, and packed as RESP: made once per FixedMetadata."""
+    cached = fixed.cache.get("resp")
+    if cached is None:
+        flat = _flat(fixed.pairs)
+        cached = fixed.cache["resp"] = (flat, _pack_args(flat))
+    return cached
 
 
 # -- operation -> calls --------------------------------------------------------------------
@@ -130,16 +133,21 @@ def _calls(op: Op) -> list[Call]:
     raise TypeError(f"not a lock-store operation: {op!r}")
 
 
-def _packed_acquire(op: Acquire) -> bytes:
-    """An acquire packed once, its fixed metadata already packed by an earlier acquire."""
+def _acquire_batch(op: Acquire) -> tuple[list[Call], bytes]:
+    """An acquire's call, and the acquire packed, its fixed metadata already packed by an
+    earlier acquire."""
     keys = (op.key, fence_key_for(op.key))
-    args = [op.token, op.ttl_ms, op.fence_ttl_ms, *_flat(op.metadata)]
+    args = [op.token, op.ttl_ms, op.fence_ttl_ms]
+    for pair in op.metadata:
+        args.extend(pair)
     head = _pack_args((*keys, *args))
     n = len(args) + 5
     if op.fixed is not None:
-        head += _fixed_resp(op.fixed)
-        n += 2 * len(op.fixed.pairs)
-    return b"*%d\r\n%b%b" % (n, _ACQUIRE_HEAD, head)
+        flat, packed = _fixed_resp(op.fixed)
+        head += packed
+        n += len(flat)
+        args.extend(flat)
+    return [Call("acquire", keys, tuple(args))], b"*%d\r\n%b%b" % (n, _ACQUIRE_HEAD, head)
 
 
 # -- replies -> results --------------------------------------------------------------------
@@ -199,6 +207,31 @@ def _result(op: Op, name: str, replies: list[Any]) -> Any:
         return exc
 
 
+def _one_grant(reply: Any) -> Any:
+    if isinstance(reply, BaseException):
+        return reply
+    try:
+        if reply[0] == 1:  # an int from either parser
+            return Grant(True, fence=int(reply[1]), slot=int(reply[2]) if len(reply) > 2 else -1)
+        return Grant(False, holder=_text(reply[1]), holder_pttl_ms=_as_int(reply[2]))
+    except (TypeError, ValueError, IndexError) as exc:
+        return exc
+
+
+def _one_flag(reply: Any) -> Any:
+    return reply if isinstance(reply, BaseException) else reply == 1
+
+
+def _one_int(reply: Any) -> Any:
+    return reply if isinstance(reply, BaseException) or type(reply) is int else _as_int(reply)
+
+
+#: The result of a one-call operation from its reply, for the operations of the hot path.
+_ONE: dict[type, Callable[[Any], Any]] = {
+    Acquire: _one_grant, AcquireSlot: _one_grant, Release: _one_flag, Extend: _one_int,
+}
+
+
 class _Results:
     """A batch's replies, turned into one result per operation on ``receive()``."""
 
@@ -209,20 +242,70 @@ class _Results:
 
     def receive(self) -> list[Any]:
         replies = self.pending.receive()
+        ops = self.ops
         name = self.member.name
-        if len(self.ops) == 1 and self.sizes[0] == 1:
-            return [_result(self.ops[0], name, replies)]
         out: list[Any] = []
         i = 0
-        for op, n in zip(self.ops, self.sizes, strict=True):
+        for op, n in zip(ops, self.sizes, strict=True):
             out.append(_result(op, name, replies[i:i + n]))
             i += n
         return out
 
 
-#: The last acquire packed, by identity: a quorum sends one operation object to every member,
-#: so it is packed once for all of them.
-_last_packed: tuple[Any, bytes] = (None, b"")
+#: The last batch prepared, by identity: a quorum sends one batch object to every member, so
+#: its calls are made and packed once for all of them (``(ops, calls, sizes, packed,
+#: convert)``).
+_last_batch: tuple[Any, list[Call], list[int], bytes, Any] = (None, [], [], b"", None)
+#: The same for the last batch of releases posted (``(ops, packed)``).
+_last_post: tuple[Any, bytes] = (None, b"")
+
+
+def _single(one: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
+    return lambda replies: [one(replies[0])]
+
+
+#: The converters of one-operation batches, made once.
+_SINGLE = {kind: _single(one) for kind, one in _ONE.items()}
+
+
+def _converter(ops: Sequence[Op]) -> Callable[[list[Any]], list[Any]] | None:
+    """Replies -> results for a batch of one kind of one-call operation (the hot path), which
+    needs nothing of the member; None for any other batch."""
+    kind = type(ops[0])
+    if len(ops) == 1:
+        return _SINGLE.get(kind)
+    one = _ONE.get(kind)
+    if one is None or any(type(op) is not kind for op in ops):
+        return None
+    return lambda replies: [one(r) for r in replies]
+
+
+def _prepared(ops: Sequence[Op]) -> tuple[list[Call], list[int], bytes, Any]:
+    """The calls of ``ops``, how many each op has, the batch packed as RESP, and its
+    converter (:func:`_converter`)."""
+    global _last_batch
+    last = _last_batch
+    if last[0] is ops:
+        return last[1], last[2], last[3], last[4]
+    if len(ops) == 1:
+        op = ops[0]
+        if type(op) is Acquire:
+            calls, packed = _acquire_batch(op)
+        else:
+            calls = _calls(op)
+            packed = pack_resp([c.packed() for c in calls])
+        sizes = [len(calls)]
+    else:
+        calls = []
+        sizes = []
+        for op in ops:
+            c = _calls(op)
+            calls.extend(c)
+            sizes.append(len(c))
+        packed = pack_resp([c.packed() for c in calls])
+    convert = _converter(ops) if len(calls) == len(ops) else None
+    _last_batch = (ops, calls, sizes, packed, convert)
+    return calls, sizes, packed, convert
 
 
 class RedisMember(QuorumMember):
@@ -244,26 +327,21 @@ class RedisMember(QuorumMember):
         for url in urls:
             check_redis_url(url, setting)
 
-    def submit(self, ops: Sequence[Op]) -> _Results:
-        global _last_packed
-        if len(ops) == 1:
-            op = ops[0]
-            if type(op) is Acquire:
-                last, packed = _last_packed
-                if last is not op:
-                    packed = _packed_acquire(op)
-                    _last_packed = (op, packed)
-                calls = _calls(op)
-                return _Results(self, ops, [1], self.node.send(calls, packed))
-            calls = _calls(op)
-            return _Results(self, ops, [len(calls)], self.node.send(calls))
-        calls = []
-        sizes = []
-        for op in ops:
-            c = _calls(op)
-            calls.extend(c)
-            sizes.append(len(c))
-        return _Results(self, ops, sizes, self.node.send(calls))
+    def submit(self, ops: Sequence[Op]) -> Any:
+        calls, sizes, packed, convert = _prepared(ops)
+        if convert is not None:
+            return self.node.send(calls, packed, convert)
+        return _Results(self, ops, sizes, self.node.send(calls, packed))
+
+    @classmethod
+    def submit_all(cls, members: Sequence[QuorumMember], ops: Sequence[Op]) -> list[Any]:
+        """The batch made and packed once, then written to every member's server."""
+        calls, sizes, packed, convert = _prepared(ops)
+        if convert is not None:
+            return [m.node.send(calls, packed, convert)  # type: ignore[attr-defined]
+                    for m in members]
+        return [_Results(m, ops, sizes, m.node.send(calls, packed))  # type: ignore[attr-defined]
+                for m in members]
 
     def post(self, ops: Sequence[Op], done: Callable[[list[Any]], None]) -> None:
         """Releases are posted as whole scripts (``EVAL``) and read with the connection's next
@@ -271,10 +349,14 @@ class RedisMember(QuorumMember):
         if not all(type(op) is Release for op in ops):
             done(self.run(ops))
             return
-        packed = b"".join(
-            _RELEASE_EVAL_HEAD + _pack_args(
-                (op.key, op.token, channel_for(op.key) if op.notify else ""))
-            for op in ops)
+        global _last_post
+        last, packed = _last_post
+        if last is not ops:
+            packed = b"".join(
+                _RELEASE_EVAL_HEAD + _pack_args(
+                    (op.key, op.token, channel_for(op.key) if op.notify else ""))
+                for op in ops)
+            _last_post = (ops, packed)
 
         def answered(replies: list[Any]) -> None:
             done([r if isinstance(r, BaseException) else _as_int(r) == 1 for r in replies])
@@ -368,12 +450,7 @@ class ClusterMember(QuorumMember):
         check_redis_url(urls[0], setting, cluster=True)
 
     def submit(self, ops: Sequence[Op]) -> _Results:
-        calls: list[Call] = []
-        sizes = []
-        for op in ops:
-            c = _calls(op)
-            calls.extend(c)
-            sizes.append(len(c))
+        calls, sizes, _, _ = _prepared(ops)
         return _Results(self, ops, sizes, self.node.send(calls))
 
     def subscribe(self, key: str) -> Subscription:

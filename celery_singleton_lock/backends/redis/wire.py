@@ -228,11 +228,16 @@ class _Wire:
 
 
 class _RedisPending:
+    __slots__ = ("node", "conn", "calls", "packed", "reused", "convert")
+
     def __init__(
-        self, node: RedisNode, conn: _Wire, calls: Sequence[Call], packed: bytes, reused: bool
+        self, node: RedisNode, conn: _Wire, calls: Sequence[Call], packed: bytes, reused: bool,
+        convert: Callable[[Replies], Any] | None = None,
     ) -> None:
         self.node, self.conn, self.calls = node, conn, calls
         self.packed, self.reused = packed, reused
+        #: Turns the replies into what ``receive`` returns (None: the replies themselves).
+        self.convert = convert
 
     def receive(self) -> Replies:
         conn, calls = self.conn, self.calls
@@ -264,7 +269,7 @@ class _RedisPending:
             replies[:] = [exc if isinstance(r, NoScriptError) else r for r in replies]
         finally:
             self.node.put(conn)
-        return replies
+        return replies if self.convert is None else self.convert(replies)
 
 
 class _ThreadSubscription:
@@ -424,7 +429,9 @@ class RedisNode:
             conn.send(packed)
         return reused
 
-    def send(self, calls: Sequence[Call], packed: bytes | None = None) -> Pending:
+    def send(self, calls: Sequence[Call], packed: bytes | None = None,
+             convert: Callable[[Replies], Any] | None = None) -> Pending:
+        """Write the batch now; its ``receive()`` reads the replies (``convert``-ed)."""
         conn = self.get()
         if packed is None:
             packed = pack_resp([c.packed() for c in calls])
@@ -433,8 +440,9 @@ class RedisNode:
         except (RedisError, OSError) as exc:
             conn.disconnect()
             self.put(conn)
-            return _failed(calls, exc)
-        return _RedisPending(self, conn, calls, packed, reused)
+            failed = [exc] * len(calls)
+            return _Done(failed if convert is None else convert(failed))
+        return _RedisPending(self, conn, calls, packed, reused, convert)
 
     def post(self, packed: bytes, n_replies: int, done: Callable[[Replies], None]) -> None:
         """Send a packed batch without waiting: ``done(replies)`` runs when the connection is
