@@ -355,16 +355,22 @@ def test_until_executed_lock_kept_across_retry_and_released_after_final_result(
     result = task.apply_async((slot, "retry"), {"retries": 2}, queue=RUN_QUEUE)
     env.wait(lambda: _started(env, slot, result.id, 0), 15, "the first attempt starts")
 
-    # Sample the key every 20 ms through both retry countdowns until the final result.
+    # Sample the key every 20 ms through both retry countdowns, until the last attempt runs.
+    # (Not until the final result: the lock is released when the body ends, before the
+    # result is stored, so a sample in between rightly finds it free.)
     samples: list[str | None] = []
     duplicate_ids: set[str] = set()
     deadline = time.monotonic() + 20
-    while env.states([result.id]) != ["SUCCESS"]:
-        assert time.monotonic() < deadline, f"no final result\n{env.describe()}"
-        samples.append(_owner(env, key))
+    while not _started(env, slot, result.id, 2):
+        assert time.monotonic() < deadline, f"no last attempt\n{env.describe()}"
+        owner = _owner(env, key)
+        if owner is None and _started(env, slot, result.id, 2):
+            break  # the last attempt ran (and released) since the loop's check
+        samples.append(owner)
         if not _started(env, slot, result.id, 1):  # the first countdown
             duplicate_ids.add(task.apply_async((slot, "retry"), queue=RUN_QUEUE).id)
         time.sleep(0.02)
+    _wait_state(env, result.id, "SUCCESS", 15)
     succeeded = time.time()
     attempts = [run["retries"] for run in _runs(env, slot)]
     assert attempts == [0, 1, 2]
