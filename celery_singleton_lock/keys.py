@@ -563,4 +563,48 @@ def slot_key(key: str, index: int) -> str:
 
 def slot_base(key: str) -> str:
     """The lock a slot key belongs to (``key`` itself when it is not a slot key)."""
-    return _SLOT_SUFFIX.sub("", key) if key.endswith(tuple("0123456789")) else key
+    return _SLOT_SUFFIX.sub("", key) if key[-1:].isdigit() else key
+
+
+@functools.lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A regular expression matching what the glob ``pattern`` matches, with Redis's ``MATCH``
+    syntax: ``*``, ``?``, ``[abc]``, ``[^a-z]``, and ``\\`` escaping the next character."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j, negate = i + 1, False
+            if j < n and pattern[j] == "^":
+                negate, j = True, j + 1
+            items: list[str] = []
+            while j < n and pattern[j] != "]":
+                if pattern[j] == "\\" and j + 1 < n:
+                    items.append(re.escape(pattern[j + 1]))
+                    j += 2
+                elif j + 2 < n and pattern[j + 1] == "-" and pattern[j + 2] != "]":
+                    low, high = sorted((pattern[j], pattern[j + 2]))
+                    items.append(f"{re.escape(low)}-{re.escape(high)}")
+                    j += 3
+                else:
+                    items.append(re.escape(pattern[j]))
+                    j += 1
+            if items:
+                out.append(f"[{'^' if negate else ''}{''.join(items)}]")
+            else:
+                out.append("." if negate else "(?!)")
+            i = j + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)

@@ -39,15 +39,10 @@ from celery_singleton_lock.backends.base import (
     Release,
     Restore,
 )
-from celery_singleton_lock.backends.memory import (
-    ManualClock,
-    MemoryMember,
-    glob_regex,
-    memory_store,
-    slot_base,
-)
+from celery_singleton_lock.backends.memory import ManualClock, MemoryMember, memory_store
 from celery_singleton_lock.backends.registry import backend_class
 from celery_singleton_lock.errors import LockConfigError
+from celery_singleton_lock.keys import glob_regex, slot_base
 
 FENCE_TTL_MS = 60_000
 

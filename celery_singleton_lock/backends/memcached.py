@@ -54,6 +54,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import LockBackendError, LockConfigError
+from ..keys import glob_regex, slot_base
 from ..urls import redact_url
 from .base import (
     EXTENDED,
@@ -119,7 +120,6 @@ _NO_CAS = ("memcached runs with CAS disabled (-C): renewal and release cannot ch
            "owner; start it without -C")
 
 _UNSAFE_KEY_BYTES = re.compile(rb"[^\x21-\x24\x26-\x7e]")
-_SLOT_SUFFIX = re.compile(r"(?<=\}):slot:\d+$")
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,11 +143,6 @@ def stored_key(key: str) -> str:
 def original_key(stored: str) -> str:
     """The lock key a stored name stands for (:func:`stored_key` undone)."""
     return unquote(stored) if "%" in stored else stored
-
-
-def slot_base(key: str) -> str:
-    """The lock a slot key (``<key>:slot:<i>``) belongs to; ``key`` itself otherwise."""
-    return _SLOT_SUFFIX.sub("", key) if key[-1:].isdigit() else key
 
 
 def _fence_name(key: str) -> str:
@@ -852,7 +847,7 @@ class MemcachedMember(QuorumMember):
         """Lock keys under ``prefix`` (matching the glob ``pattern``), from the server's
         ``lru_crawler metadump``, read as it streams and cut at ``limit``. Keys that expired
         but are not reclaimed yet may be among them (reading them shows them free)."""
-        match = _glob(pattern) if pattern else None
+        match = glob_regex(pattern) if pattern else None
         head = prefix + ":"
         found: list[str] = []
         for stored in self._metadump():
@@ -959,46 +954,6 @@ def _runs(raw: bytes | None) -> dict[str, float]:
         return {str(k): float(v) for k, v in json.loads(raw).items()}
     except (ValueError, TypeError, AttributeError):
         return {}
-
-
-def _glob(pattern: str) -> re.Pattern[str]:
-    """A Redis-style glob (``*``, ``?``, ``[...]`` with ``^``, ``\\`` escapes) as a regex."""
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "\\" and i + 1 < n:
-            out.append(re.escape(pattern[i + 1]))
-            i += 2
-            continue
-        if c == "*":
-            out.append(".*")
-        elif c == "?":
-            out.append(".")
-        elif c == "[":
-            j = i + 1
-            negate = j < n and pattern[j] == "^"
-            if negate:
-                j += 1
-            members: list[str] = []
-            while j < n and pattern[j] != "]":
-                if pattern[j] == "\\" and j + 1 < n:
-                    j += 1
-                    members.append(re.escape(pattern[j]))
-                elif pattern[j] == "-" and members and j + 1 < n and pattern[j + 1] != "]":
-                    members.append("-")
-                else:
-                    members.append(re.escape(pattern[j]))
-                j += 1
-            if j >= n:  # no closing bracket: a literal "["
-                out.append(re.escape(c))
-            else:
-                out.append(("[^" if negate else "[") + "".join(members) + "]")
-                i = j
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out), re.DOTALL)
 
 
 _HANDLERS: dict[type, Callable[[MemcachedMember, _Conn, Any], Any]] = {

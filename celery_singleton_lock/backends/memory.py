@@ -20,9 +20,7 @@ Setting :attr:`MemoryMember.down` makes a member answer every operation with a
 
 from __future__ import annotations
 
-import functools
 import os
-import re
 import threading
 import time
 import weakref
@@ -31,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import LockConfigError
+from ..keys import glob_regex, slot_base, slot_key
 from .base import (
     EXTENDED,
     GONE,
@@ -87,61 +86,8 @@ class ManualClock:
 # Keys
 
 
-_SLOT_SUFFIX = re.compile(r"(?<=\}):slot:\d+$")
 
 
-def slot_base(key: str) -> str:
-    """The lock a slot key (``<key>:slot:<i>``, ``lock_limit``) belongs to; ``key`` itself
-    when it is not one. As in the Redis store, a slot suffix follows the key's ``{...}`` tag."""
-    return _SLOT_SUFFIX.sub("", key) if key[-1:].isdigit() else key
-
-
-def slot_key(key: str, index: int) -> str:
-    return f"{key}:slot:{index}"
-
-
-@functools.lru_cache(maxsize=256)
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A regular expression matching what the glob ``pattern`` matches, with Redis's ``MATCH``
-    syntax: ``*``, ``?``, ``[abc]``, ``[^a-z]``, and ``\\`` escaping the next character."""
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "\\" and i + 1 < n:
-            out.append(re.escape(pattern[i + 1]))
-            i += 2
-            continue
-        if c == "*":
-            out.append(".*")
-        elif c == "?":
-            out.append(".")
-        elif c == "[":
-            j, negate = i + 1, False
-            if j < n and pattern[j] == "^":
-                negate, j = True, j + 1
-            items: list[str] = []
-            while j < n and pattern[j] != "]":
-                if pattern[j] == "\\" and j + 1 < n:
-                    items.append(re.escape(pattern[j + 1]))
-                    j += 2
-                elif j + 2 < n and pattern[j + 1] == "-" and pattern[j + 2] != "]":
-                    low, high = sorted((pattern[j], pattern[j + 2]))
-                    items.append(f"{re.escape(low)}-{re.escape(high)}")
-                    j += 3
-                else:
-                    items.append(re.escape(pattern[j]))
-                    j += 1
-            if items:
-                out.append(f"[{'^' if negate else ''}{''.join(items)}]")
-            else:
-                out.append("." if negate else "(?!)")
-            i = j + 1
-            continue
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
 def _text(value: Any) -> str:

@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from ..errors import LockBackendError, LockConfigError
+from ..keys import slot_base, slot_key
 from ..urls import redact_url
 from .base import (
     AcquireResult,
@@ -75,22 +76,11 @@ WAIT_RECHECK_S = 1.0
 MAX_IDLE = 8
 
 _UNSAFE = re.compile(r"[^a-z0-9_]")
-_SLOT_SUFFIX = re.compile(r"(?<=\}):slot:\d+$")
 
 #: Metadata fields kept in their own columns (the rest go to ``extra``).
 TEXT_COLUMNS = ("owner", "task", "hostname", "mode")
 #: Longest text kept per column (MySQL's VARCHAR sizes; PostgreSQL keeps the same).
 TEXT_LIMITS = {"owner": 255, "task": 1024, "hostname": 255, "mode": 64}
-
-
-def slot_key(key: str, index: int) -> str:
-    """Slot ``index`` of a lock several holders may hold at once (``lock_limit``)."""
-    return f"{key}:slot:{index}"
-
-
-def slot_base(key: str) -> str:
-    """The lock a slot key belongs to (``key`` itself when it is not a slot key)."""
-    return _SLOT_SUFFIX.sub("", key) if key[-1:].isdigit() else key
 
 
 class TableNames:

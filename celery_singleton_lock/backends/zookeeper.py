@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fnmatch
 import hashlib
 import json
 import logging
@@ -61,6 +60,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
 from ..errors import LockBackendError, LockConfigError
+from ..keys import glob_regex
 from ..urls import redact_url
 from .base import (
     AcquireResult,
@@ -1488,7 +1488,7 @@ class ZooKeeperBackend(LockBackend):
                 for pending in listed:
                     for name in self._quiet(pending) or ():
                         key = unquote(name)
-                        if (fnmatch.fnmatchcase(key, pattern) if pattern
+                        if (glob_regex(pattern).match(key) if pattern
                                 else key.startswith(head)):
                             keys.append(key)
                 last = b + PAGE >= len(buckets)
