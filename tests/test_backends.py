@@ -42,6 +42,15 @@ def test_what_each_option_needs_of_its_store(mode: str, on_duplicate: str, limit
         assert err.value.setting in {"lock_mode", "lock_on_duplicate", "lock_limit"}
 
 
+def test_the_interface_is_importable_where_the_spec_names_it() -> None:
+    from celery_singleton_lock import backends
+    from celery_singleton_lock.backends import base
+
+    assert backends.LockBackend is base.LockBackend
+    assert backends.QuorumMember is base.QuorumMember
+    assert backends.Capability is base.Capability
+
+
 def test_the_projects_own_stores_are_registered_as_entry_points() -> None:
     names = schemes()
     for scheme in ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel", "memory"):
