@@ -239,30 +239,58 @@ def test_metadata_reads_back_as_a_lock_record(store: LockBackend, key: str) -> N
     assert [r.key for r in listed] == [key] and listed[0].task_id == "task-1"
 
 
-def test_fence_grows_with_every_acquisition_even_after_the_row_is_swept(db_url: str,
-                                                                         key: str) -> None:
-    store = _open(db_url, fence_ttl_ms=1)
+def test_fence_grows_with_every_acquisition_even_after_the_tables_are_made_again(
+        db_url: str, kind: str) -> None:
+    # A prefix of its own: this test drops its tables.
+    prefix = f"fence{secrets.token_hex(3)}"
+    key = f"{prefix}:task:{{x}}"
+    t = TableNames(prefix)
+    store = _open(db_url)
     try:
         fences = []
         for i in range(3):
             got = store.acquire(key, f"tok-{i}", 5.0)
             fences.append(got.fence)
             assert store.release(key, f"tok-{i}")
-        # Taken over after expiry.
+        # A release deletes the row; the counter is the table's, not the row's.
+        assert not admin_sql(db_url, f"SELECT 1 FROM {t.locks} WHERE lock_key = %s", (key,))
+        # Taken over after expiry: a new token, not the lapsed one's.
         fences.append(store.acquire(key, "short", 0.05).fence)
         wait_until(lambda: store.holder(key) is None, 3, message="lapse")
         fences.append(store.acquire(key, "after", 5.0).fence)
+        # Our own lease refreshed: the same token.
+        assert store.acquire(key, "after", 5.0).fence == fences[-1]
         assert store.release(key, "after")
-        # The sweep removes the free row (its counter lived fence_ttl = 1 ms)...
-        t = TableNames("csl")
-        wait_until(lambda: (store.sweep("csl", pages=1000), not admin_sql(
-            db_url, f"SELECT 1 FROM {t.locks} WHERE lock_key = %s", (key,)))[1], 5,
-            message="the row swept")
-        # ... and the next token still grows.
-        fences.append(store.acquire(key, "new-row", 5.0).fence)
-        assert fences == sorted(fences) and len(set(fences)) == len(fences)
+        # The tables dropped and made again (by the store, on first use): the counter starts
+        # at the server's clock, above every token the old table gave.
+        drop = [f"DROP TABLE {n}" for n in (t.locks, t.next, t.runs)]
+        if kind == "postgres":
+            drop = [f"DROP TABLE {t.locks}, {t.next}, {t.runs}, {t.wait}",
+                    f"DROP SEQUENCE {t.fence}"]
+        for statement in drop:
+            admin_sql(db_url, statement)
+        store.close()
+        store = _open(db_url)
+        fences.append(store.acquire(key, "new-table", 5.0).fence)
+        assert fences == sorted(fences) and len(set(fences)) == len(fences), fences
     finally:
         store.close()
+
+
+def test_tables_of_an_earlier_layout_are_refused_naming_the_table(db_url: str) -> None:
+    prefix = f"old{secrets.token_hex(3)}"
+    t = TableNames(prefix)
+    admin_sql(db_url, f"CREATE TABLE {t.locks} (lock_key VARCHAR(100) PRIMARY KEY, "
+                      "token VARCHAR(100), last_fence BIGINT)")
+    store = _open(db_url)
+    try:
+        with pytest.raises(LockConfigError, match=f"{t.locks}.*drop"):
+            store.acquire(f"{prefix}:task:{{x}}", "a", 5.0)
+        # Nothing was changed: the old table is still there, without the new column.
+        assert admin_sql(db_url, f"SELECT lock_key FROM {t.locks}") == []
+    finally:
+        store.close()
+        admin_sql(db_url, f"DROP TABLE {t.locks}")
 
 
 def test_a_holder_whose_lock_was_taken_over_never_touches_the_successor(store: LockBackend,
@@ -436,12 +464,16 @@ def test_force_release_compares_the_token_it_read(store: LockBackend, key: str) 
 
 
 def test_sweep_removes_dead_rows_only(db_url: str, key: str) -> None:
-    store = _open(db_url, fence_ttl_ms=1)
+    store = _open(db_url)
     t = TableNames("csl")
     try:
+        # Holders that died: their leases lapse, their rows stay until taken over or swept.
         for i in range(5):
-            assert store.acquire(f"{key}-dead{i}", "x", 5.0).acquired
-            assert store.release(f"{key}-dead{i}", "x")
+            assert store.acquire(f"{key}-dead{i}", "x", 0.05).acquired
+        wait_until(lambda: all(store.holder(f"{key}-dead{i}") is None for i in range(5)), 3,
+                   message="leases lapsed")
+        assert len(admin_sql(db_url, f"SELECT 1 FROM {t.locks} WHERE lock_key LIKE %s",
+                             (f"{key}-dead%",))) == 5
         assert store.acquire(f"{key}-held", "x", 30.0).acquired
         assert store.follow(f"{key}-held", "f", 0.05) is None
         wait_until(lambda: (store.sweep("csl", pages=1000), not admin_sql(
@@ -510,7 +542,7 @@ def test_postgres_notifies_only_releases_someone_waits_for(_store_postgres: str,
         waiter = threading.Thread(target=store.wait_released,
                                   args=(key, 5.0, lambda: store.acquire(key, "w", 5.0).acquired))
         waiter.start()
-        wait_until(lambda: admin_sql(_store_postgres, f"SELECT 1 FROM {TableNames('csl').locks}"
+        wait_until(lambda: admin_sql(_store_postgres, f"SELECT 1 FROM {TableNames('csl').wait}"
                                      " WHERE lock_key = %s AND wait_until_us > 0", (key,)), 5,
                    message="the waiter's mark")
         assert store.release(key, "a")
@@ -615,7 +647,7 @@ def test_a_restarted_postgres_keeps_its_locks_and_the_store_carries_on(key: str)
             key + "-w", 20.0, lambda: store.acquire(key + "-w", "w", 5.0).acquired
             and not woke.append(time.monotonic())))
         waiter.start()
-        wait_until(lambda: admin_sql(server.url, "SELECT 1 FROM csl_locks WHERE lock_key = %s"
+        wait_until(lambda: admin_sql(server.url, "SELECT 1 FROM csl_lock_wait WHERE lock_key = %s"
                                      " AND wait_until_us > 0", (key + "-w",)), 5,
                    message="the waiter's mark")
         server.crash()

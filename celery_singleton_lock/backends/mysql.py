@@ -1,24 +1,23 @@
 """The MySQL / MariaDB lock store (``mysql://``, ``mariadb://``), on PyMySQL.
 
-A lock is a row of a lease table (:mod:`.sql` describes the tables). MySQL has no
-``RETURNING`` on ``UPDATE`` and no ``ON CONFLICT ... WHERE``, so where an operation must read
-what it wrote, the statement and the read of its row go together in one round trip (a
-multi-statement query):
+A lock is a row of a lease table (:mod:`.sql` describes the tables), each operation a
+statement in autocommit mode:
 
-* acquire: ``UPDATE ... WHERE lock_key = ? AND expires_us <= now`` of a free row, its new
-  fencing token returned through ``LAST_INSERT_ID(expr)`` (one round trip, the common case).
-  Where that changed no row, a plain read of the row names the holder; for a key without a
-  row (or a refresh of our own lock), ``INSERT ... ON DUPLICATE KEY UPDATE`` whose assignments
-  take the row only when the lease expired or is ours (the ``token`` assignment comes first
-  and the ``expires_us`` one last, since MySQL evaluates them in order, each seeing the ones
-  before it), then ``SELECT`` of the row: the lock is ours if the row shows our token;
-* release: an owner-checked ``UPDATE`` marking the row free;
+* acquire: one ``INSERT`` of the row, its fencing token the table's ``AUTO_INCREMENT`` value
+  (the reply's insert id, so nothing is read after). Where the key has a row, a read of it
+  says whose: another holder's (not taken), ours (the lease is refreshed and keeps its fence),
+  or a lapsed lease, which is deleted (``DELETE ... WHERE expires_us <= now``) before the
+  ``INSERT`` is tried again;
+* release: an owner-checked ``DELETE``;
 * renewal: one ``UPDATE ... WHERE lock_key IN (...) AND token = CASE lock_key ...`` per batch,
-  and the rows read back.
+  and the rows read back in the same round trip (a multi-statement query).
 
-Expiry is on the server's clock (``NOW(6)``, with the session's time zone at UTC). The session
-uses READ COMMITTED; ``lock_limit`` slots and beat's claims take a short transaction that
-locks the base key's row (slots) or the leader's lock row (beat) first.
+``AUTO_INCREMENT`` is persistent in InnoDB from MariaDB 10.2.4 and MySQL 8.0 on, so a token is
+never given twice, also across server restarts; the store starts the counter at the server's
+time in microseconds when it creates the table. Expiry is on the server's clock (``NOW(6)``,
+with the session's time zone at UTC). The session uses READ COMMITTED; ``lock_limit`` slots
+and beat's claims take a short transaction that locks the base key's row (slots) or the
+leader's lock row (beat) first.
 
 MySQL has no notification a waiter could sleep on across connections (``GET_LOCK`` would tie
 the lock to one connection, and a prefork worker's main process must renew its children's
@@ -49,92 +48,48 @@ __all__ = ["MySQLBackend"]
 
 #: The server's clock in microseconds, fixed for the statement (session time zone UTC).
 NOW = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)"
-_META = ("owner", "task", "hostname", "pid", "mode", "acquired_at", "lock_ttl", "renewals",
-         "extra")
 _COLS = ", ".join(READ_COLUMNS)
 #: Query parameters of a mysql:// URL.
 _OPTIONS = ("unix_socket", "ssl", "ssl_ca", "ssl_cert", "ssl_key", "connect_timeout")
 #: A connection idle longer than this is pinged before use (PyMySQL cannot tell otherwise
 #: that the server ended it).
 PING_AFTER_IDLE_S = 1.0
+#: Tries of an acquire that finds a lapsed row (deleted, then inserted again) or loses a race.
+ACQUIRE_TRIES = 3
+#: ER_DUP_ENTRY: the key has a row.
+DUP_ENTRY = 1062
 
 
 def _q(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-_INSERT = """
-INSERT INTO {locks} (lock_key, token, expires_us, fence, last_fence, acquired_us,
-    owner, task, hostname, pid, mode, acquired_at, lock_ttl, renewals, extra)
-VALUES (%(key)s, %(token)s, {now} + %(ttl_ms)s * 1000, {fence}, {fence}, {now},
-    %(owner)s, %(task)s, %(hostname)s, %(pid)s, %(mode)s,
-    COALESCE(%(acquired_at)s, {now} / 1000000), %(lock_ttl)s, %(renewals)s, %(extra)s)
-ON DUPLICATE KEY UPDATE
-    token = IF(expires_us <= VALUES(acquired_us) {mine}, VALUES(token), token),
-    fence = IF({took}, {new_fence}, fence),
-    last_fence = IF({took}, fence, last_fence),
-    acquired_us = IF({took}, VALUES(acquired_us), acquired_us),
-    {keep},
-    expires_us = IF(token = VALUES(token) AND ({took} OR expires_us > VALUES(acquired_us)),
-                    VALUES(expires_us), expires_us)"""
-
-
 class _Statements:
     def __init__(self, t: TableNames) -> None:
         locks, nxt, runs = _q(t.locks), _q(t.next), _q(t.runs)
-        # Evaluated after ``token`` is assigned: the row was free (or expired) and is ours.
-        took = "(expires_us <= VALUES(acquired_us) AND token = VALUES(token))"
-        keep = ",\n    ".join(f"{c} = IF({took}, VALUES({c}), {c})" for c in _META)
-        # The common case, a row that exists and is free: one plain UPDATE (cheaper for
-        # InnoDB than INSERT ... ON DUPLICATE KEY UPDATE), whose new fencing token comes
-        # back in the reply's insert id (LAST_INSERT_ID(expr)), so nothing is read after.
-        sets = ", ".join(f"{c} = %({c})s" for c in _META if c != "acquired_at")
-        self.take = f"""
-UPDATE {locks} SET token = %(token)s,
-    fence = LAST_INSERT_ID(GREATEST(last_fence + 1, {NOW})),
-    last_fence = fence, acquired_us = {NOW}, {sets},
-    acquired_at = COALESCE(%(acquired_at)s, {NOW} / 1000000),
-    expires_us = {NOW} + %(ttl_ms)s * 1000
-WHERE lock_key = %(key)s AND expires_us <= {NOW}"""
-        self.acquire = _INSERT.format(
-            locks=locks, now=NOW, fence=NOW, mine="OR token = VALUES(token)", took=took,
-            new_fence="GREATEST(last_fence + 1, VALUES(fence))", keep=keep,
-        ) + f""";
-SELECT token = %(token)s, fence, owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
-WHERE lock_key = %(key)s"""
-        # lock_limit: the base row's counter, raised (under the base row's lock) first.
-        self.take_slot = _INSERT.format(
-            locks=locks, now=NOW, fence="%(fence)s", mine="", took=took,
-            new_fence="VALUES(fence)", keep=keep,
-        ) + f""";
-SELECT token = %(token)s, fence FROM {locks} WHERE lock_key = %(key)s"""
+        self.insert = f"""
+INSERT INTO {locks} (lock_key, token, expires_us, acquired_us, owner, renewals, meta)
+VALUES (%s, %s, {NOW} + %s, {NOW}, %s, %s, %s)"""
+        self.peek = f"""
+SELECT token = %s, fence, owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
+WHERE lock_key = %s"""
+        self.refresh = f"""
+UPDATE {locks} SET expires_us = {NOW} + %s
+WHERE lock_key = %s AND token = %s AND expires_us > {NOW}"""
+        self.drop_lapsed = f"DELETE FROM {locks} WHERE lock_key = %s AND expires_us <= {NOW}"
+        # lock_limit: the base key's row (never a lock itself) serialises its slots.
         self.lock_base = f"""
-INSERT INTO {locks} (lock_key, acquired_us) VALUES (%(key)s, {NOW})
-ON DUPLICATE KEY UPDATE last_fence = last_fence"""
-        self.bump_base = f"""
-UPDATE {locks} SET last_fence = GREATEST(last_fence + 1, {NOW}), acquired_us = {NOW}
-WHERE lock_key = %(key)s;
-SELECT last_fence FROM {locks} WHERE lock_key = %(key)s"""
+INSERT INTO {locks} (lock_key, token, expires_us, acquired_us) VALUES (%s, '', 0, {NOW})
+ON DUPLICATE KEY UPDATE expires_us = expires_us"""
         self.slots = f"""
 SELECT lock_key, token, owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
-WHERE lock_key IN %(keys)s"""
-        self.refresh = f"""
-UPDATE {locks} SET expires_us = {NOW} + %(ttl_ms)s * 1000
-WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW};
-SELECT fence FROM {locks} WHERE lock_key = %(key)s AND token = %(token)s
-  AND expires_us > {NOW}"""
-        self.peek = f"""
-SELECT token = %(token)s, fence, owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
-WHERE lock_key = %(key)s"""
+WHERE lock_key IN %s"""
         self.holder = f"""
 SELECT owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
 WHERE lock_key = %(key)s AND expires_us > {NOW}"""
         self.release = f"""
-UPDATE {locks} SET token = NULL, expires_us = 0
-WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW}"""
-        self.release_any = f"""
-UPDATE {locks} SET token = NULL, expires_us = 0
-WHERE lock_key = %(key)s AND expires_us > {NOW}"""
+DELETE FROM {locks} WHERE lock_key = %s AND token = %s AND expires_us > {NOW}"""
+        self.release_any = f"DELETE FROM {locks} WHERE lock_key = %s AND expires_us > {NOW}"
         self.read = f"""
 SELECT {_COLS}, expires_us - {NOW} FROM {locks}
 WHERE lock_key = %(key)s AND expires_us > {NOW}"""
@@ -149,11 +104,11 @@ ORDER BY lock_key LIMIT %(rows)s"""
 INSERT INTO {nxt} (lock_key, task_id, expires_us)
 VALUES (%(key)s, %(task_id)s, {NOW} + %(ttl_ms)s * 1000)
 ON DUPLICATE KEY UPDATE
-    task_id = IF(task_id = VALUES(task_id) OR expires_us <= {NOW}
+    task_id = IF(task_id = %(task_id)s OR expires_us <= {NOW}
                  OR task_id = (SELECT owner FROM {locks}
                                WHERE lock_key = %(key)s AND expires_us > {NOW}),
-                 VALUES(task_id), task_id),
-    expires_us = IF(task_id = VALUES(task_id), VALUES(expires_us), expires_us);
+                 %(task_id)s, task_id),
+    expires_us = IF(task_id = %(task_id)s, {NOW} + %(ttl_ms)s * 1000, expires_us);
 SELECT task_id FROM {nxt} WHERE lock_key = %(key)s"""
         self.unfollow = f"DELETE FROM {nxt} WHERE lock_key = %(key)s AND task_id = %(task_id)s"
         self.leader = f"""
@@ -163,38 +118,39 @@ SELECT 1 FROM {locks} WHERE lock_key = %(lock_key)s AND token = %(token)s
 SELECT last_run FROM {runs} WHERE state_key = %(state_key)s AND entry = %(entry)s FOR UPDATE"""
         self.write_run = f"""
 INSERT INTO {runs} (state_key, entry, last_run) VALUES (%(state_key)s, %(entry)s, %(now)s)
-ON DUPLICATE KEY UPDATE last_run = VALUES(last_run)"""
+ON DUPLICATE KEY UPDATE last_run = %(now)s"""
         self.runs = f"SELECT entry, last_run FROM {runs} WHERE state_key = %(state_key)s"
         self.sweep_page = f"""
 SELECT MAX(lock_key), COUNT(*) FROM (SELECT lock_key FROM {locks} WHERE lock_key > %(after)s
                                      ORDER BY lock_key LIMIT %(rows)s) p"""
         self.sweep = f"""
 DELETE FROM {locks} WHERE lock_key > %(after)s AND lock_key <= %(last)s
-  AND expires_us <= {NOW} AND acquired_us < {NOW} - %(fence_ttl_ms)s * 1000;
+  AND expires_us <= {NOW};
 DELETE FROM {nxt} WHERE expires_us <= {NOW} LIMIT {PAGE_ROWS}"""
 
 
 def ddl(t: TableNames) -> list[str]:
-    """The tables of one key prefix (also printed in the README)."""
+    """The tables of one key prefix, and the start of its fencing counter (also printed in
+    the README)."""
     table = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+    locks = _q(t.locks)
     return [
-        f"""CREATE TABLE IF NOT EXISTS {_q(t.locks)} (
+        f"""CREATE TABLE IF NOT EXISTS {locks} (
     lock_key    VARCHAR(512) NOT NULL PRIMARY KEY,  -- binary collation: prefix ranges
-    token       VARCHAR(255) NULL,                  -- the holder's token; NULL when free
-    expires_us  BIGINT NOT NULL DEFAULT 0,          -- lease end, server clock, µs (UTC)
-    fence       BIGINT NOT NULL DEFAULT 0,          -- fencing token of the current holding
-    last_fence  BIGINT NOT NULL DEFAULT 0,          -- the key's counter (slots: base row)
-    acquired_us BIGINT NOT NULL DEFAULT 0,          -- last acquisition (sweep)
+    token       VARCHAR(255) NOT NULL,              -- the holder's token
+    expires_us  BIGINT NOT NULL,                    -- lease end, server clock, µs (UTC)
+    fence       BIGINT NOT NULL AUTO_INCREMENT,     -- fencing token: the table's counter
+    acquired_us BIGINT NOT NULL,                    -- acquisition, server clock, µs
     owner       VARCHAR(255) NOT NULL DEFAULT '',   -- holder's task id
-    task        VARCHAR(1024) NOT NULL DEFAULT '',
-    hostname    VARCHAR(255) NOT NULL DEFAULT '',
-    pid         BIGINT NULL,
-    mode        VARCHAR(64) NOT NULL DEFAULT '',
-    acquired_at DOUBLE NULL,                        -- unix seconds
-    lock_ttl    DOUBLE NULL,                        -- seconds
     renewals    INT NOT NULL DEFAULT 0,
-    extra       TEXT NULL                           -- other metadata fields, JSON
+    meta        TEXT NULL,                          -- task, hostname, pid, mode, ...: JSON
+    KEY (fence)
 ) {table}""",
+        # Start the counter at the server's time in µs (never lowers it: InnoDB keeps the
+        # larger of the two), so a table made again gives tokens above the old table's.
+        f"""SET @csl_fence = CONCAT('ALTER TABLE {locks.replace("'", "''")} AUTO_INCREMENT = ',
+    CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED));
+PREPARE csl_fence FROM @csl_fence; EXECUTE csl_fence; DEALLOCATE PREPARE csl_fence""",
         f"""CREATE TABLE IF NOT EXISTS {_q(t.next)} (
     lock_key    VARCHAR(512) NOT NULL PRIMARY KEY,
     task_id     VARCHAR(255) NOT NULL,
@@ -329,13 +285,17 @@ class MySQLBackend(SQLBackend):
 
     def create_tables(self, conn: Any, names: TableNames) -> None:
         wanted = [names.locks, names.next, names.runs]
-        rows = self._one_set(conn, "SELECT table_name FROM information_schema.tables "
-                             "WHERE table_schema = DATABASE() AND table_name IN %(names)s",
+        rows = self._one_set(conn, "SELECT table_name, column_name FROM information_schema.columns"
+                             " WHERE table_schema = DATABASE() AND table_name IN %(names)s"
+                             " AND column_name IN ('lock_key', 'meta', 'state_key')",
                              {"names": wanted})
-        if len(rows) >= len(wanted):
+        found = {(str(t), str(c)) for t, c in rows}
+        if (names.locks, "lock_key") in found and (names.locks, "meta") not in found:
+            raise self.old_table(names)
+        if {(names.locks, "meta"), (names.next, "lock_key"), (names.runs, "state_key")} <= found:
             return  # made before (or by a migration): no CREATE privilege needed
         for statement in ddl(names):
-            self._one_set(conn, statement, None)
+            self._multi(conn, statement, None)
 
     def st(self, t: TableNames) -> _Statements:
         s = self._statements.get(t.base)
@@ -361,49 +321,55 @@ class MySQLBackend(SQLBackend):
     def _one_set(self, conn: Any, sql: str, params: Any) -> list[tuple[Any, ...]]:
         return self._multi(conn, sql, params)[-1][1]
 
-    @staticmethod
-    def _args(key: str, token: str, ttl_ms: int, cols: Columns) -> dict[str, Any]:
-        return {"key": key, "token": token, "ttl_ms": ttl_ms, "owner": cols.owner,
-                "task": cols.task, "hostname": cols.hostname, "pid": cols.pid,
-                "mode": cols.mode, "acquired_at": cols.acquired_at, "lock_ttl": cols.lock_ttl,
-                "renewals": cols.renewals, "extra": cols.extra}
-
     # -- operations --------------------------------------------------------------------------
 
     def op_acquire(self, conn: Any, t: TableNames, key: str, token: str, ttl_ms: int,
                    cols: Columns) -> tuple[bool, int, str | None, int]:
         s = self.st(t)
-        args = self._args(key, token, ttl_ms, cols)
         cur = conn.cursor()
         try:
-            cur.execute(s.take, args)
-            if cur.rowcount == 1 and cur.lastrowid:
-                return True, int(cur.lastrowid), None, -1
+            for _ in range(ACQUIRE_TRIES):
+                if self._insert(cur, s, key, token, ttl_ms, cols):
+                    return True, int(cur.lastrowid), None, -1
+                # The key has a row: whose, and is its lease still running?
+                cur.execute(s.peek, (token, key))
+                row = cur.fetchone()
+                if row is None:
+                    continue  # released (or swept) since: insert again
+                mine, fence, owner, pttl = row
+                if int(pttl) > 0 and not mine:
+                    return False, 0, owner or "", int(pttl)
+                if int(pttl) > 0:  # ours already: a refresh keeps the fence
+                    if cur.execute(s.refresh, (ttl_ms * 1000, key, token)) == 1:
+                        return True, int(fence), None, -1
+                    continue
+                cur.execute(s.drop_lapsed, (key,))  # a lapsed lease: anyone may take it
+            return False, 0, None, -1
         finally:
             cur.close()
-        # Not free: held by another (a plain read says by whom, and writes nothing), or no
-        # row yet, or ours already: the statement that inserts or refreshes atomically.
-        rows = self._one_set(conn, s.peek, {"key": key, "token": token})
-        if rows and not rows[0][0] and int(rows[0][3]) > 0:
-            return False, 0, rows[0][2] or "", int(rows[0][3])
-        rows = self._one_set(conn, s.acquire, args)
-        if not rows:  # swept between the two statements: it was not taken
-            return False, 0, None, -1
-        mine, fence, owner, pttl = rows[0]
-        if mine and int(pttl) > 0:
-            return True, int(fence), None, -1
-        if int(pttl) <= 0:
-            return False, 0, None, -1
-        return False, 0, owner or "", int(pttl)
+
+    def _insert(self, cur: Any, s: _Statements, key: str, token: str, ttl_ms: int,
+                cols: Columns) -> bool:
+        """The row inserted (True), or the key has one already (False)."""
+        try:
+            cur.execute(s.insert, (key, token, ttl_ms * 1000, cols.owner, cols.renewals,
+                                   cols.meta))
+        except self._pymysql.err.IntegrityError as exc:
+            if exc.args and exc.args[0] == DUP_ENTRY:
+                return False
+            raise
+        return True
 
     def op_acquire_slot(self, conn: Any, t: TableNames, key: str, token: str, ttl_ms: int,
                         limit: int, cols: Columns) -> tuple[bool, int, str | None, int, int]:
         s = self.st(t)
         keys = [slot_key(key, i) for i in range(limit)]
         conn.begin()
+        cur = conn.cursor()
         try:
-            self._multi(conn, s.lock_base, {"key": key})
-            rows = {r[0]: r for r in self._one_set(conn, s.slots, {"keys": keys})}
+            cur.execute(s.lock_base, (key,))
+            cur.execute(s.slots, (keys,))
+            rows = {r[0]: r for r in cur.fetchall()}
             free = None
             owner, least = "", -1
             for i, k in enumerate(keys):
@@ -411,35 +377,41 @@ class MySQLBackend(SQLBackend):
                 if row is None or int(row[3]) <= 0:
                     free = i if free is None else free
                     continue
-                if row[1] == token:
-                    got = self._one_set(conn, s.refresh, {"key": k, "token": token,
-                                                          "ttl_ms": ttl_ms})
-                    if got:
-                        conn.commit()
-                        return True, int(got[0][0]), None, -1, i
+                if row[1] == token and cur.execute(s.refresh, (ttl_ms * 1000, k, token)) == 1:
+                    cur.execute("SELECT fence FROM " + _q(t.locks) + " WHERE lock_key = %s",
+                                (k,))
+                    fence = int(cur.fetchone()[0])
+                    conn.commit()
+                    return True, fence, None, -1, i
                 if least < 0 or int(row[3]) < least:
                     owner, least = row[2] or "", int(row[3])
             if free is None:
                 conn.commit()
                 return False, 0, owner, least, -1
-            fence = int(self._one_set(conn, s.bump_base, {"key": key})[0][0])
-            args = self._args(keys[free], token, ttl_ms, cols)
-            args["fence"] = fence
-            got = self._one_set(conn, s.take_slot, args)
+            if keys[free] in rows:
+                cur.execute(s.drop_lapsed, (keys[free],))
+            got = self._insert(cur, s, keys[free], token, ttl_ms, cols)
+            fence = int(cur.lastrowid) if got else 0
             conn.commit()
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.rollback()
             raise
-        if got and got[0][0]:
-            return True, int(got[0][1]), None, -1, free
+        finally:
+            cur.close()
+        if got:
+            return True, fence, None, -1, free
         return False, 0, owner, least, -1
 
     def op_release(self, conn: Any, t: TableNames, key: str, token: str | None) -> bool:
         s = self.st(t)
-        if token is None:
-            return self._multi(conn, s.release_any, {"key": key})[0][0] > 0
-        return self._multi(conn, s.release, {"key": key, "token": token})[0][0] > 0
+        cur = conn.cursor()
+        try:
+            if token is None:
+                return bool(cur.execute(s.release_any, (key,)))
+            return bool(cur.execute(s.release, (key, token)))
+        finally:
+            cur.close()
 
     def op_extend(self, conn: Any, t: TableNames, items: Sequence[Renewal],
                   count: bool) -> list[bool]:
@@ -468,18 +440,22 @@ class MySQLBackend(SQLBackend):
         return out
 
     def op_handover(self, conn: Any, t: TableNames, key: str, token: str, new_token: str,
-                    ttl_ms: int, cols: Columns, given: list[str]) -> int | None:
+                    ttl_ms: int, cols: Columns) -> int | None:
         locks = _q(t.locks)
-        sets = [f"{c} = %({c})s" for c in given]
-        if cols.extra is not None:
-            sets.append("extra = JSON_MERGE_PATCH(COALESCE(extra, '{}'), %(extra)s)")
+        sets = ""
+        if cols.given_owner:
+            sets += ", owner = %(owner)s"
+        if cols.given_renewals:
+            sets += ", renewals = %(renewals)s"
+        if cols.meta != "{}":
+            sets += ", meta = JSON_MERGE_PATCH(COALESCE(meta, '{}'), %(meta)s)"
         sql = (f"UPDATE {locks} SET token = %(new)s, expires_us = {NOW} + %(ttl_ms)s * 1000"
-               + "".join(", " + x for x in sets)
+               + sets
                + f" WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW}; "
                f"SELECT fence FROM {locks} WHERE lock_key = %(key)s AND token = %(new)s "
                f"AND expires_us > {NOW}")
-        args = self._args(key, token, ttl_ms, cols)
-        args["new"] = new_token
+        args = {"key": key, "token": token, "new": new_token, "ttl_ms": ttl_ms,
+                "owner": cols.owner, "renewals": cols.renewals, "meta": cols.meta}
         results = self._multi(conn, sql, args)
         if results[0][0] <= 0 or not results[-1][1]:
             return None
@@ -540,8 +516,6 @@ class MySQLBackend(SQLBackend):
         s = self.st(t)
         last, n_page = self._one_set(conn, s.sweep_page,
                                      {"after": after, "rows": self.page_rows})[0]
-        deleted = 0
-        results = self._multi(conn, s.sweep, {"after": after, "last": last or after,
-                                              "fence_ttl_ms": self.fence_ttl_ms})
+        results = self._multi(conn, s.sweep, {"after": after, "last": last or after})
         deleted = sum(max(0, n) for n, _ in results)
         return (last if int(n_page) >= self.page_rows else None), deleted

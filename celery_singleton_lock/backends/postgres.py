@@ -1,22 +1,23 @@
 """The PostgreSQL lock store (``postgresql://``, ``postgres://``), on psycopg 3.
 
 A lock is a row of a lease table (:mod:`.sql` describes the tables). Every operation on a
-lock is one statement in autocommit mode, so one round trip:
+lock is one statement in autocommit mode, so one round trip (a rejected acquire: two):
 
-* acquire: ``INSERT ... ON CONFLICT (lock_key) DO UPDATE ... WHERE the lease expired or is
-  ours RETURNING fence``, with the holder's owner and remaining ttl read in the same
-  statement when it is not taken;
-* release: an owner-checked ``UPDATE`` that marks the row free and calls ``pg_notify``;
+* acquire: ``INSERT ... ON CONFLICT (lock_key) DO UPDATE ... WHERE the lease lapsed or is
+  ours RETURNING fence``, the fencing token drawn from the table's sequence (a lapsed lease
+  taken over draws a new one, a refresh of ours keeps it); where it takes nothing, a read of
+  the row gives the holder's owner and remaining ttl;
+* release: an owner-checked ``DELETE`` that calls ``pg_notify`` where someone waits;
 * renewal: one ``UPDATE ... FROM unnest(keys, tokens, ttls)`` per batch, locking rows in key
   order (two renewers of overlapping batches never deadlock).
 
 Expiry is measured on the server's clock (``statement_timestamp()``). Waiters ``LISTEN`` on
-the table's channel through one connection per process (a thread reads it) and mark the lock's
-row (``wait_until_us``) for as long as they wait; a release of a marked row calls
+the table's channel through one connection per process (a thread reads it) and mark the key
+in ``<prefix>_lock_wait`` for as long as they wait; a release of a marked key calls
 ``pg_notify`` in its statement, so it wakes them at once, and a release nobody waits for sends
 nothing (a ``NOTIFY`` serialises the commits of every notifying transaction of the server).
-``lock_limit`` slots and beat's claims take a short transaction that locks the base key's row
-(slots) or the leader's lock row (beat) first.
+``lock_limit`` slots take a short transaction that holds an advisory lock on the base key
+first, and beat's claims lock the leader's lock row.
 
 A comma-separated host list (``postgresql://h1,h2/db?target_session_attrs=read-write``) is
 one store: libpq connects to whichever host is the primary.
@@ -56,9 +57,7 @@ logger = logging.getLogger(__name__)
 
 #: The server's clock in microseconds, fixed for the statement.
 NOW = "(extract(epoch from statement_timestamp()) * 1000000)::bigint"
-_META = ("owner", "task", "hostname", "pid", "mode", "acquired_at", "lock_ttl", "renewals",
-         "extra")
-_COLS = ", ".join(READ_COLUMNS[:-1]) + ", extra::text"
+_COLS = ", ".join(READ_COLUMNS[:-1]) + ", meta::text"
 _HOSTS_CAP = 8
 
 
@@ -66,80 +65,62 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _regclass(name: str) -> str:
+    """``name`` (quoted) as a string literal, for ``nextval('...')``."""
+    return "'" + _q(name).replace("'", "''") + "'"
+
+
 class _Statements:
     """The statements of one prefix's tables, built once."""
 
     def __init__(self, t: TableNames) -> None:
-        locks, nxt, runs = _q(t.locks), _q(t.next), _q(t.runs)
+        locks, nxt, runs, wait = _q(t.locks), _q(t.next), _q(t.runs), _q(t.wait)
         took = "l.expires_us <= EXCLUDED.acquired_us"
         keep = ",\n    ".join(f"{c} = CASE WHEN {took} THEN EXCLUDED.{c} ELSE l.{c} END"
-                              for c in _META)
-        insert = f"""
-INSERT INTO {locks} AS l (lock_key, token, expires_us, fence, last_fence, acquired_us,
-    owner, task, hostname, pid, mode, acquired_at, lock_ttl, renewals, extra)
-SELECT %(key)s, %(token)s, n.us + %(ttl_ms)s::bigint * 1000, {{fence}}, {{fence}}, n.us,
-    %(owner)s, %(task)s, %(hostname)s, %(pid)s::bigint, %(mode)s,
-    coalesce(%(acquired_at)s::float8, n.us / 1e6), %(lock_ttl)s::float8,
-    %(renewals)s::integer, %(extra)s::jsonb
-FROM (SELECT {NOW} AS us) n {{source}}"""
+                              for c in ("acquired_us", "owner", "renewals", "meta"))
+        # One statement; where it takes nothing (held by another), a read of the holder
+        # follows (a second round trip on contention only: folding it into the statement
+        # as a UNION costs every acquisition more than the read costs a rejected one).
         self.acquire = f"""
-WITH t AS ({insert.format(fence="n.us", source="")}
+INSERT INTO {locks} AS l (lock_key, token, expires_us, acquired_us, owner, renewals, meta)
+SELECT %(key)s, %(token)s, n.us + %(ttl_ms)s::bigint * 1000, n.us, %(owner)s,
+    %(renewals)s::integer, %(meta)s::jsonb
+FROM (SELECT {NOW} AS us) n
 ON CONFLICT (lock_key) DO UPDATE SET
     token = EXCLUDED.token,
     expires_us = EXCLUDED.expires_us,
-    fence = CASE WHEN {took} THEN GREATEST(l.last_fence + 1, EXCLUDED.fence) ELSE l.fence END,
-    last_fence = CASE WHEN {took} THEN GREATEST(l.last_fence + 1, EXCLUDED.fence)
-                      ELSE l.last_fence END,
-    acquired_us = CASE WHEN {took} THEN EXCLUDED.acquired_us ELSE l.acquired_us END,
+    fence = CASE WHEN {took} THEN nextval({_regclass(t.fence)}) ELSE l.fence END,
     {keep}
 WHERE {took} OR l.token = EXCLUDED.token
-RETURNING l.fence)
-SELECT true, fence, NULL::text, 0::bigint FROM t
-UNION ALL
-SELECT false, 0, h.owner, (h.expires_us - {NOW}) / 1000 FROM {locks} h
-WHERE h.lock_key = %(key)s AND NOT EXISTS (SELECT 1 FROM t)"""
+RETURNING l.fence"""
         self.holder = f"""
 SELECT owner, (expires_us - {NOW}) / 1000 FROM {locks}
 WHERE lock_key = %(key)s AND expires_us > {NOW}"""
-        # lock_limit: the base key's row counts for its slots; locking it serialises them.
-        self.lock_base = f"""
-INSERT INTO {locks} AS l (lock_key, acquired_us) VALUES (%(key)s, {NOW})
-ON CONFLICT (lock_key) DO UPDATE SET last_fence = l.last_fence RETURNING last_fence"""
+        # lock_limit: an advisory lock on the base key serialises the choice of a slot.
+        self.lock_base = "SELECT pg_advisory_xact_lock(hashtextextended(%(name)s, 0))"
         self.slots = f"""
 SELECT lock_key, token, owner, (expires_us - {NOW}) / 1000 FROM {locks}
 WHERE lock_key = ANY(%(keys)s::text[])"""
         self.refresh = f"""
 UPDATE {locks} SET expires_us = {NOW} + %(ttl_ms)s::bigint * 1000
 WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW} RETURNING fence"""
-        take = insert.format(fence="c.f", source=", c")
-        self.take_slot = f"""
-WITH c AS (UPDATE {locks} SET last_fence = GREATEST(last_fence + 1, {NOW}),
-                              acquired_us = {NOW}
-           WHERE lock_key = %(base)s RETURNING last_fence AS f)
-{take}
-ON CONFLICT (lock_key) DO UPDATE SET
-    token = EXCLUDED.token, expires_us = EXCLUDED.expires_us, fence = EXCLUDED.fence,
-    last_fence = EXCLUDED.last_fence, acquired_us = EXCLUDED.acquired_us,
-    {", ".join(f"{c} = EXCLUDED.{c}" for c in _META)}
-WHERE l.expires_us <= EXCLUDED.acquired_us
-RETURNING l.fence"""
-        # Notify only where a waiter said it listens (the base row's wait_until_us): a
+        # Notify only where a waiter said it listens (its mark in the wait table): a
         # NOTIFY serialises the commits of every notifying transaction of the server.
         notify = f"""
-SELECT 1, (SELECT pg_notify(%(channel)s, %(base)s) FROM {locks} w
+SELECT 1, (SELECT pg_notify(%(channel)s, %(base)s) FROM {wait} w
            WHERE w.lock_key = %(base)s AND w.wait_until_us > {NOW}) FROM d"""
         self.release = f"""
-WITH d AS (UPDATE {locks} SET token = NULL, expires_us = 0
+WITH d AS (DELETE FROM {locks}
            WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW}
-           RETURNING lock_key){notify}"""
+           RETURNING 1){notify}"""
         self.release_any = f"""
-WITH d AS (UPDATE {locks} SET token = NULL, expires_us = 0
-           WHERE lock_key = %(key)s AND expires_us > {NOW} RETURNING lock_key){notify}"""
+WITH d AS (DELETE FROM {locks} WHERE lock_key = %(key)s AND expires_us > {NOW}
+           RETURNING 1){notify}"""
         self.want = f"""
-INSERT INTO {locks} AS l (lock_key, wait_until_us)
+INSERT INTO {wait} AS w (lock_key, wait_until_us)
 VALUES (%(key)s, {NOW} + %(wait_ms)s::bigint * 1000)
 ON CONFLICT (lock_key) DO UPDATE
-SET wait_until_us = GREATEST(l.wait_until_us, EXCLUDED.wait_until_us)"""
+SET wait_until_us = GREATEST(w.wait_until_us, EXCLUDED.wait_until_us)"""
         self.extend = f"""
 WITH v AS (SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::text[], %(ttls)s::bigint[])
            AS v(k, tok, ttl_ms)),
@@ -188,38 +169,44 @@ SELECT (SELECT count(*) FROM leader), (SELECT count(*) FROM w)"""
 WITH page AS (SELECT lock_key FROM {locks} WHERE lock_key > %(after)s
               ORDER BY lock_key LIMIT %(rows)s),
 d AS (DELETE FROM {locks} l USING page p
-      WHERE l.lock_key = p.lock_key AND l.expires_us <= {NOW} AND l.wait_until_us <= {NOW}
-        AND l.acquired_us < {NOW} - %(fence_ttl_ms)s::bigint * 1000
+      WHERE l.lock_key = p.lock_key AND l.expires_us <= {NOW}
       RETURNING 1),
 f AS (DELETE FROM {nxt} WHERE lock_key IN (
           SELECT lock_key FROM {nxt} WHERE expires_us <= {NOW} LIMIT {PAGE_ROWS}
           FOR UPDATE SKIP LOCKED)
+      RETURNING 1),
+w AS (DELETE FROM {wait} WHERE lock_key IN (
+          SELECT lock_key FROM {wait} WHERE wait_until_us <= {NOW} LIMIT {PAGE_ROWS}
+          FOR UPDATE SKIP LOCKED)
       RETURNING 1)
 SELECT (SELECT max(lock_key) FROM page), (SELECT count(*) FROM page),
-       (SELECT count(*) FROM d) + (SELECT count(*) FROM f)"""
+       (SELECT count(*) FROM d) + (SELECT count(*) FROM f) + (SELECT count(*) FROM w)"""
 
 
 def ddl(t: TableNames) -> list[str]:
-    """The tables of one key prefix (also printed in the README)."""
+    """The tables of one key prefix, and the start of its fencing-token sequence (also
+    printed in the README)."""
+    fence = _q(t.fence)
     return [
+        f"CREATE SEQUENCE IF NOT EXISTS {fence}",
+        # Start at the server's time in µs (never lowered), so a table made again gives
+        # tokens above the old table's.
+        f"""SELECT setval({_regclass(t.fence)}, GREATEST((SELECT last_value FROM {fence}),
+    (extract(epoch from clock_timestamp()) * 1000000)::bigint))""",
         f"""CREATE TABLE IF NOT EXISTS {_q(t.locks)} (
     lock_key    text COLLATE "C" PRIMARY KEY,   -- byte order: prefix ranges use the index
-    token       text,                           -- the holder's token; NULL when free
-    expires_us  bigint NOT NULL DEFAULT 0,      -- lease end, server clock, µs since 1970
-    fence       bigint NOT NULL DEFAULT 0,      -- fencing token of the current holding
-    last_fence  bigint NOT NULL DEFAULT 0,      -- the key's counter (slots: in the base row)
-    acquired_us bigint NOT NULL DEFAULT 0,      -- last acquisition, server clock (sweep)
-    wait_until_us bigint NOT NULL DEFAULT 0,    -- waiters listen until then: notify them
+    token       text NOT NULL,                  -- the holder's token
+    expires_us  bigint NOT NULL,                -- lease end, server clock, µs since 1970
+    fence       bigint NOT NULL DEFAULT nextval({_regclass(t.fence)}),  -- fencing token
+    acquired_us bigint NOT NULL,                -- acquisition, server clock, µs
     owner       text NOT NULL DEFAULT '',       -- holder's task id
-    task        text NOT NULL DEFAULT '',
-    hostname    text NOT NULL DEFAULT '',
-    pid         bigint,
-    mode        text NOT NULL DEFAULT '',
-    acquired_at double precision,               -- unix seconds
-    lock_ttl    double precision,               -- seconds
     renewals    integer NOT NULL DEFAULT 0,
-    extra       jsonb                           -- other metadata fields
+    meta        jsonb                           -- task, hostname, pid, mode, ...
 ) WITH (fillfactor = 70)""",
+        f"""CREATE TABLE IF NOT EXISTS {_q(t.wait)} (
+    lock_key      text COLLATE "C" PRIMARY KEY, -- a key someone waits for
+    wait_until_us bigint NOT NULL               -- until then: its releases notify
+)""",
         f"""CREATE TABLE IF NOT EXISTS {_q(t.next)} (
     lock_key    text COLLATE "C" PRIMARY KEY,
     task_id     text NOT NULL,
@@ -323,15 +310,22 @@ class PostgresBackend(SQLBackend):
         return ddl(names)
 
     def create_tables(self, conn: Any, names: TableNames) -> None:
-        wanted = [names.locks, names.next, names.runs]
-        rows = conn.execute("SELECT to_regclass(n) IS NOT NULL FROM unnest(%s::text[]) n",
-                            ([_q(n) for n in wanted],)).fetchall()
-        if all(r[0] for r in rows):
+        wanted = [names.fence, names.locks, names.wait, names.next, names.runs]
+        found, has_meta = conn.execute(
+            "SELECT (SELECT count(*) FROM unnest(%s::text[]) n WHERE to_regclass(n) IS NOT NULL),"
+            " EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+            " AND attname = 'meta' AND NOT attisdropped)",
+            ([_q(n) for n in wanted], _q(names.locks))).fetchone()
+        if int(found) == len(wanted) and has_meta:
             return  # made before (or by a migration): no CREATE privilege needed
         with conn.transaction():
             # Concurrent CREATE TABLE IF NOT EXISTS can collide in the catalog: serialise.
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                          ("celery_singleton_lock:" + names.locks,))
+            locks_exist = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                       (_q(names.locks),)).fetchone()[0]
+            if locks_exist and not has_meta:
+                raise self.old_table(names)
             for statement in ddl(names):
                 conn.execute(statement)
 
@@ -346,27 +340,23 @@ class PostgresBackend(SQLBackend):
     @staticmethod
     def _params(key: str, token: str, ttl_ms: int, cols: Columns) -> dict[str, Any]:
         return {"key": key, "token": token, "ttl_ms": ttl_ms, "owner": cols.owner,
-                "task": cols.task, "hostname": cols.hostname, "pid": cols.pid,
-                "mode": cols.mode, "acquired_at": cols.acquired_at, "lock_ttl": cols.lock_ttl,
-                "renewals": cols.renewals, "extra": cols.extra}
+                "renewals": cols.renewals, "meta": cols.meta}
 
     def op_acquire(self, conn: Any, t: TableNames, key: str, token: str, ttl_ms: int,
                    cols: Columns) -> tuple[bool, int, str | None, int]:
         s = self.st(t)
         row = conn.execute(s.acquire, self._params(key, token, ttl_ms, cols)).fetchone()
-        if row is None:
-            # Lost a race with a holder that committed after this statement's snapshot.
-            row = conn.execute(s.holder, {"key": key}).fetchone()
-            return (False, 0, row[0], int(row[1])) if row else (False, 0, None, -1)
-        got, fence, owner, pttl = row
-        return (True, int(fence), None, -1) if got else (False, 0, owner or "", int(pttl))
+        if row is not None:
+            return True, int(row[0]), None, -1
+        row = conn.execute(s.holder, {"key": key}).fetchone()
+        return (False, 0, row[0] or "", int(row[1])) if row else (False, 0, None, -1)
 
     def op_acquire_slot(self, conn: Any, t: TableNames, key: str, token: str, ttl_ms: int,
                         limit: int, cols: Columns) -> tuple[bool, int, str | None, int, int]:
         s = self.st(t)
         keys = [slot_key(key, i) for i in range(limit)]
         with conn.transaction():
-            conn.execute(s.lock_base, {"key": key})
+            conn.execute(s.lock_base, {"name": f"celery_singleton_lock:{t.locks}:{key}"})
             rows = {r[0]: r for r in conn.execute(s.slots, {"keys": keys}).fetchall()}
             free = None
             owner, least = "", -1
@@ -384,12 +374,11 @@ class PostgresBackend(SQLBackend):
                     owner, least = row[2] or "", int(row[3])
             if free is None:
                 return False, 0, owner, least, -1
-            params = self._params(keys[free], token, ttl_ms, cols)
-            params["base"] = key
-            got = conn.execute(s.take_slot, params).fetchone()
-            if got is None:
+            taken = conn.execute(s.acquire, self._params(keys[free], token, ttl_ms,
+                                                         cols)).fetchone()
+            if taken is None:
                 return False, 0, owner, least, -1
-            return True, int(got[0]), None, -1, free
+            return True, int(taken[0]), None, -1, free
 
     def op_release(self, conn: Any, t: TableNames, key: str, token: str | None) -> bool:
         s = self.st(t)
@@ -408,13 +397,16 @@ class PostgresBackend(SQLBackend):
         return [item.key in done for item in items]
 
     def op_handover(self, conn: Any, t: TableNames, key: str, token: str, new_token: str,
-                    ttl_ms: int, cols: Columns, given: list[str]) -> int | None:
-        sets = [f"{c} = %({c})s" for c in given]
-        if cols.extra is not None:
-            sets.append("extra = coalesce(extra, '{}'::jsonb) || %(extra)s::jsonb")
+                    ttl_ms: int, cols: Columns) -> int | None:
+        sets = ""
+        if cols.given_owner:
+            sets += ", owner = %(owner)s"
+        if cols.given_renewals:
+            sets += ", renewals = %(renewals)s"
+        if cols.meta != "{}":
+            sets += ", meta = coalesce(meta, '{}'::jsonb) || %(meta)s::jsonb"
         sql = (f"UPDATE {_q(t.locks)} SET token = %(new)s, "
-               f"expires_us = {NOW} + %(ttl_ms)s::bigint * 1000"
-               + "".join(", " + x for x in sets)
+               f"expires_us = {NOW} + %(ttl_ms)s::bigint * 1000" + sets
                + f" WHERE lock_key = %(key)s AND token = %(token)s AND expires_us > {NOW}"
                " RETURNING fence")
         params = self._params(key, token, ttl_ms, cols)
@@ -464,7 +456,7 @@ class PostgresBackend(SQLBackend):
 
     def op_sweep(self, conn: Any, t: TableNames, after: str) -> tuple[str | None, int]:
         last, n_page, deleted = conn.execute(self.st(t).sweep, {
-            "after": after, "fence_ttl_ms": self.fence_ttl_ms, "rows": self.page_rows}).fetchone()
+            "after": after, "rows": self.page_rows}).fetchone()
         return (last if n_page >= self.page_rows else None), int(deleted)
 
     # -- waiting ---------------------------------------------------------------------------

@@ -1,23 +1,26 @@
 """What the PostgreSQL and MySQL/MariaDB lock stores share: tables, metadata, connections.
 
-A lock is one row of a *lease table* (``<prefix>_locks``), keyed by the lock key:
+A lock is one row of a *lease table* (``<prefix>_locks``), keyed by the lock key, that lives
+while the lock is held:
 
 * ``token`` and ``expires_us``: the holder's token and the end of its lease, in microseconds
-  of the **database server's** clock (``expires_us <= now``: free). A release marks the row
-  free (``expires_us = 0``) instead of deleting it, so the row keeps its fencing counter.
-* ``fence``: the fencing token of the current holding; ``last_fence``: the key's counter (for
-  a ``lock_limit`` lock, the base key's row counts for all of its slots). Every acquisition
-  sets ``last_fence = GREATEST(last_fence + 1, now_us)``: it grows by at least one, and a row
-  that is made anew (the key was never used, or its row was swept) starts at the server's time
-  in microseconds, above any token issued before it was swept.
-* holder metadata: ``owner`` (task id), ``task``, ``hostname``, ``pid``, ``mode``,
-  ``acquired_at`` (unix seconds), ``lock_ttl`` (seconds), ``renewals``, and ``extra`` (any
-  other field, as JSON).
+  of the **database server's** clock (``expires_us <= now``: the lease lapsed, and anyone may
+  take the row over);
+* ``fence``: the fencing token of this holding, drawn from one counter per table (a
+  PostgreSQL sequence, a MySQL ``AUTO_INCREMENT`` column) that starts at the server's time in
+  microseconds when the store creates the table. Every acquisition draws a new value, so a
+  key's tokens grow with every acquisition and never repeat, whatever rows are deleted, and a
+  table dropped and made again starts above every token it gave before;
+* holder metadata: ``owner`` (the holder's task id), ``renewals``, ``acquired_us`` (server
+  clock), and ``meta``, a JSON object of the other fields (``task``, ``hostname``, ``pid``,
+  ``mode``, ``acquired_at``, ``ttl``, and any other).
 
-Rows that are free and whose last acquisition is older than ``singleton_lock_fence_ttl`` are
-deleted by a bounded sweep (one page of the primary key at a time), so the table holds one
-row per key used within that window. Follow-ups (``coalesce``) live in ``<prefix>_lock_next``
-and beat's state in ``<prefix>_lock_runs``.
+A release deletes the row (owner-checked), as the simplest hand-written SQL lock does; the
+row of a holder that died without releasing is taken over by the next acquire once its lease
+lapsed, or deleted by a bounded sweep (one page of the primary key at a time), so the table
+holds about one row per held lock. Follow-ups (``coalesce``) live in ``<prefix>_lock_next``,
+beat's state in ``<prefix>_lock_runs``, and PostgreSQL's waiters mark the keys they wait for
+in ``<prefix>_lock_wait``.
 
 The *prefix* is the part of the key before its first ``:`` (``csl`` for ``csl:task:{...}``;
 a key without ``:`` uses ``csl``), lowered and with any character other than ``[a-z0-9_]``
@@ -55,7 +58,6 @@ from .base import (
     LockRecord,
     LockView,
     Renewal,
-    all_metadata,
 )
 
 __all__ = ["SQLBackend", "TableNames", "table_names", "slot_base", "slot_key"]
@@ -77,16 +79,11 @@ MAX_IDLE = 8
 
 _UNSAFE = re.compile(r"[^a-z0-9_]")
 
-#: Metadata fields kept in their own columns (the rest go to ``extra``).
-TEXT_COLUMNS = ("owner", "task", "hostname", "mode")
-#: Longest text kept per column (MySQL's VARCHAR sizes; PostgreSQL keeps the same).
-TEXT_LIMITS = {"owner": 255, "task": 1024, "hostname": 255, "mode": 64}
-
 
 class TableNames:
     """The tables (and PostgreSQL notification channel) of one key prefix."""
 
-    __slots__ = ("prefix", "base", "locks", "next", "runs", "channel")
+    __slots__ = ("prefix", "base", "locks", "next", "runs", "wait", "fence", "channel")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -97,6 +94,9 @@ class TableNames:
         self.locks = f"{base}_locks"
         self.next = f"{base}_lock_next"
         self.runs = f"{base}_lock_runs"
+        self.wait = f"{base}_lock_wait"
+        #: PostgreSQL's fencing-token sequence.
+        self.fence = f"{base}_lock_fence"
         self.channel = f"{base}_locks_released"
 
     def __repr__(self) -> str:
@@ -125,45 +125,78 @@ def table_names(key_or_prefix: str, *, is_prefix: bool = False) -> TableNames:
 # Metadata <-> columns
 
 
+#: Longest text kept per metadata value (``owner`` is a VARCHAR(255) column on MySQL).
+OWNER_LIMIT = 255
+VALUE_LIMIT = 1024
+#: Metadata kept in columns of their own, or that are the row's own.
+_OWN = frozenset({"owner", "renewals", "fence", "token"})
+_json_str = json.encoder.encode_basestring
+
+
+def _text(value: Any) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    if not text.isascii():  # lone surrogates cannot be stored: replaced
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text[:VALUE_LIMIT]
+
+
+def _meta_items(pairs: Sequence[tuple[str, Any]]) -> dict[str, str]:
+    return {str(name): _text(value) for name, value in pairs if name not in _OWN}
+
+
+def _meta_json(items: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{_json_str(k)}: {_json_str(v)}" for k, v in items.items()) + "}"
+
+
 class Columns:
-    """Holder metadata as column values."""
+    """Holder metadata as the row's values: ``owner`` and ``renewals`` columns, the rest in
+    ``meta`` (a JSON object of strings). A :class:`FixedMetadata`'s part is encoded once and
+    kept in its cache."""
 
-    __slots__ = ("owner", "task", "hostname", "mode", "pid", "acquired_at", "lock_ttl",
-                 "renewals", "extra")
+    __slots__ = ("owner", "renewals", "meta", "given_owner", "given_renewals")
 
-    def __init__(self, pairs: Sequence[tuple[str, Any]], ttl_s: float | None) -> None:
-        self.owner = self.task = self.hostname = self.mode = ""
-        self.pid: int | None = None
-        self.acquired_at: float | None = None
-        self.lock_ttl: float | None = ttl_s
-        self.renewals = 0
-        extra: dict[str, str] = {}
-        for name, value in pairs:
-            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            if name in TEXT_LIMITS:
-                setattr(self, name, text[:TEXT_LIMITS[name]])
-            elif name == "pid":
-                self.pid = _int_or_none(text)
-            elif name == "acquired_at":
-                self.acquired_at = _float_or_none(text)
-            elif name == "ttl":
-                self.lock_ttl = _float_or_none(text)
+    def __init__(self, metadata: Sequence[tuple[str, Any]], fixed: FixedMetadata | None,
+                 ttl_s: float | None) -> None:
+        owner: str | None = None
+        renewals: int | None = None
+        if fixed is not None:
+            cached = fixed.cache.get("sql")
+            if cached is None:
+                cached = fixed.cache["sql"] = _fixed_part(fixed)
+            f_owner, f_renewals, f_items, f_json = cached
+        else:
+            f_owner, f_renewals, f_items, f_json = None, None, {}, ""
+        items: dict[str, str] = {}
+        for name, value in metadata:
+            if name == "owner":
+                owner = _text(value)[:OWNER_LIMIT]
             elif name == "renewals":
-                self.renewals = _int_or_none(text) or 0
-            elif name in ("fence", "token"):
-                continue  # the row's own
-            else:
-                extra[name] = text
-        self.extra = json.dumps(extra, sort_keys=True) if extra else None
+                renewals = _int_or_none(_text(value)) or 0
+            elif name not in _OWN:
+                items[str(name)] = _text(value)
+        # The fixed pairs come last, so they win (as they would in a hash written in order).
+        self.given_owner = owner is not None or f_owner is not None
+        self.given_renewals = renewals is not None or f_renewals is not None
+        self.owner = f_owner if f_owner is not None else (owner or "")
+        self.renewals = f_renewals if f_renewals is not None else (renewals or 0)
+        if ttl_s is not None and "ttl" not in items and "ttl" not in f_items:
+            items["ttl"] = repr(float(ttl_s))
+        if f_items and not items.keys() & f_items.keys():
+            self.meta = (f_json[:-1] + ", " + _meta_json(items)[1:]) if items else f_json
+        else:
+            items.update(f_items)
+            self.meta = _meta_json(items)
 
-    def given(self, pairs: Sequence[tuple[str, Any]]) -> list[str]:
-        """The columns ``pairs`` name (for a handover, which overwrites only those)."""
-        names = {n for n, _ in pairs}
-        cols = [c for c in TEXT_COLUMNS if c in names]
-        cols += [col for field, col in (("pid", "pid"), ("acquired_at", "acquired_at"),
-                                        ("ttl", "lock_ttl"), ("renewals", "renewals"))
-                 if field in names]
-        return cols
+
+def _fixed_part(fixed: FixedMetadata) -> tuple[str | None, int | None, dict[str, str], str]:
+    owner = renewals = None
+    for name, value in fixed.pairs:
+        if name == "owner":
+            owner = _text(value)[:OWNER_LIMIT]
+        elif name == "renewals":
+            renewals = _int_or_none(_text(value)) or 0
+    items = _meta_items(fixed.pairs)
+    return owner, renewals, items, _meta_json(items)
 
 
 def _int_or_none(text: str) -> int | None:
@@ -176,36 +209,39 @@ def _int_or_none(text: str) -> int | None:
             return None
 
 
-def _float_or_none(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
 #: The columns a lock row is read with, in this order (:func:`view_of`).
-READ_COLUMNS = ("lock_key", "token", "fence", "owner", "task", "hostname", "pid", "mode",
-                "acquired_at", "lock_ttl", "renewals", "extra")
+READ_COLUMNS = ("lock_key", "token", "fence", "owner", "renewals", "acquired_us", "meta")
+
+
+def _number(text: str, fmt: Callable[[float], str]) -> str:
+    try:
+        return fmt(float(text))
+    except (ValueError, OverflowError):
+        return text
 
 
 def view_of(name: str, row: Sequence[Any]) -> tuple[str, LockView]:
     """(key, view) of a row read as :data:`READ_COLUMNS` followed by the µs left."""
-    (key, token, fence, owner, task, hostname, pid, mode, acquired_at, lock_ttl, renewals,
-     extra, left_us) = row
+    key, token, fence, owner, renewals, acquired_us, meta, left_us = row
     fields: dict[str, str] = {}
-    if extra:
+    if meta:
         try:
-            loaded = json.loads(extra) if isinstance(extra, (str, bytes)) else extra
+            loaded = json.loads(meta) if isinstance(meta, (str, bytes)) else meta
             fields.update({str(k): str(v) for k, v in dict(loaded).items()})
         except (ValueError, TypeError):
             pass
-    fields.update({
-        "owner": owner or "", "task": task or "", "hostname": hostname or "",
-        "mode": mode or "", "pid": "" if pid is None else str(pid),
-        "acquired_at": "" if acquired_at is None else f"{float(acquired_at):.6f}",
-        "ttl": "" if lock_ttl is None else repr(float(lock_ttl)),
-        "renewals": str(renewals or 0), "fence": str(fence),
-    })
+    for name_, default in (("task", ""), ("hostname", ""), ("mode", ""), ("pid", "")):
+        fields.setdefault(name_, default)
+    fields["acquired_at"] = _number(fields.get("acquired_at") or str(int(acquired_us) / 1e6),
+                                    lambda v: f"{v:.6f}")
+    if fields.get("ttl"):
+        fields["ttl"] = _number(fields["ttl"], repr)
+    else:
+        fields["ttl"] = ""
+    if fields["pid"]:
+        pid = _int_or_none(fields["pid"])
+        fields["pid"] = "" if pid is None else str(pid)
+    fields.update({"owner": owner or "", "renewals": str(renewals or 0), "fence": str(fence)})
     view = LockView(name=name, held=True, token=token or "",
                     ttl_s=max(0.0, int(left_us) / 1e6), fields=fields)
     return key, view
@@ -399,6 +435,14 @@ class SQLBackend(LockBackend):
     def create_tables(self, conn: Any, names: TableNames) -> None:
         """Create ``names``' tables if they do not exist."""
 
+    def old_table(self, names: TableNames) -> LockConfigError:
+        """The error for a lease table of an earlier, incompatible layout (no ``meta``)."""
+        return LockConfigError(
+            f"singleton_lock_url: the lease table {names.locks} in {self.description} has the "
+            "layout of an earlier development version of celery-singleton-lock (it has no "
+            f"meta column); drop {names.locks}, {names.next} and {names.runs} (they are made "
+            "again on first use, or by the DDL in the README)", setting="singleton_lock_url")
+
     @classmethod
     @abc.abstractmethod
     def ddl(cls, names: TableNames) -> list[str]:
@@ -505,7 +549,9 @@ class SQLBackend(LockBackend):
 
     @abc.abstractmethod
     def op_handover(self, conn: Any, t: TableNames, key: str, token: str, new_token: str,
-                    ttl_ms: int, cols: Columns, given: list[str]) -> int | None: ...
+                    ttl_ms: int, cols: Columns) -> int | None:
+        """Give ``key`` to ``new_token`` if ``token`` holds it, keeping its fence; overwrite
+        only the metadata ``cols`` was given (``meta`` merged). The fence, or None."""
 
     @abc.abstractmethod
     def op_read(self, conn: Any, t: TableNames, key: str) -> tuple[Any, ...] | None:
@@ -533,9 +579,9 @@ class SQLBackend(LockBackend):
 
     @abc.abstractmethod
     def op_sweep(self, conn: Any, t: TableNames, after: str) -> tuple[str | None, int]:
-        """Delete, among the next :attr:`page_rows` keys after ``after``, the free rows last
-        acquired more than ``fence_ttl_ms`` ago, and expired follow-ups. Returns (the last key
-        of the page or None at the end of the table, rows deleted)."""
+        """Delete, among the next :attr:`page_rows` keys after ``after``, the rows whose lease
+        lapsed, and expired follow-ups (and waiter marks). Returns (the last key of the page or
+        None at the end of the table, rows deleted)."""
 
     @abc.abstractmethod
     def op_held(self, conn: Any, t: TableNames, key: str) -> bool:
@@ -547,7 +593,7 @@ class SQLBackend(LockBackend):
                 metadata: Sequence[tuple[str, Any]] = (),
                 fixed: FixedMetadata | None = None) -> AcquireResult:
         t = table_names(key)
-        cols = Columns(all_metadata(metadata, fixed), ttl_s)
+        cols = Columns(metadata, fixed, ttl_s)
         ttl_ms = max(1, int(ttl_s * 1000))
         started = self.clock()
         try:
@@ -563,7 +609,7 @@ class SQLBackend(LockBackend):
         if limit <= 1:
             return self.acquire(key, token, ttl_s, metadata, fixed)
         t = table_names(key)
-        cols = Columns(all_metadata(metadata, fixed), ttl_s)
+        cols = Columns(metadata, fixed, ttl_s)
         ttl_ms = max(1, int(ttl_s * 1000))
         started = self.clock()
         try:
@@ -661,12 +707,11 @@ class SQLBackend(LockBackend):
     def handover(self, key: str, token: str, new_token: str, ttl_s: float,
                  metadata: Sequence[tuple[str, Any]] = ()) -> int | None:
         t = table_names(key)
-        cols = Columns(metadata, None)
-        given = cols.given(metadata)
+        cols = Columns(metadata, None, None)
         ttl_ms = max(1, int(ttl_s * 1000))
         return self.call(f"cannot hand lock {key!r} over", key, t,
-                         lambda c: self.op_handover(c, t, key, token, new_token, ttl_ms, cols,
-                                                    given), idempotent=False)
+                         lambda c: self.op_handover(c, t, key, token, new_token, ttl_ms, cols),
+                         idempotent=False)
 
     def owned(self, key: str, token: str) -> bool:
         row = self._read(key, "cannot read lock")
@@ -860,9 +905,9 @@ class SQLBackend(LockBackend):
                     self.sweep(prefix)
 
     def sweep(self, prefix: str = DEFAULT_PREFIX, *, pages: int = 1) -> int:
-        """Delete up to ``pages`` pages' worth of dead rows of ``prefix``'s tables (free rows
-        last acquired more than ``fence_ttl`` ago, expired follow-ups). Returns rows
-        deleted. Never raises: a sweep that fails is retried later."""
+        """Delete up to ``pages`` pages' worth of dead rows of ``prefix``'s tables (locks whose
+        lease lapsed, expired follow-ups and waiter marks). Returns rows deleted. Never
+        raises: a sweep that fails is retried later."""
         t = table_names(prefix, is_prefix=True)
         if not self._sweep_lock.acquire(blocking=False):
             return 0
