@@ -23,7 +23,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from celery_singleton_lock.backends.base import Capability, LockBackend, LockRecord, Renewal
+from celery_singleton_lock.backends.base import (
+    AcquireResult as AcquireResultLike,
+)
+from celery_singleton_lock.backends.base import (
+    Capability,
+    LockBackend,
+    LockRecord,
+    Renewal,
+)
 from celery_singleton_lock.backends.registry import open_backend
 from celery_singleton_lock.backends.sql import TableNames, slot_key
 from celery_singleton_lock.errors import LockBackendError, LockConfigError
@@ -721,6 +729,60 @@ def test_threads_share_one_store(store: LockBackend, key: str) -> None:
         t.join(30)
     assert not errors
     assert sorted(wins) == sorted(f"{key}-{i}" for i in range(20))  # one winner a key
+
+
+def test_contenders_hammering_one_key_always_get_an_answer(db_url: str, key: str) -> None:
+    """Many connections taking and releasing one key at once: every acquire gets an answer
+    (taken, or held by whom), never a store error, and never two holders at once. On InnoDB,
+    INSERTs of one key racing a DELETE of it are a textbook deadlock (both wait for a shared
+    lock on the deleted record, then for each other); the store must treat it as "contended",
+    not as "the database is down"."""
+    stores = [_open(db_url) for _ in range(6)]
+    errors: list[BaseException] = []
+    down: list[AcquireResultLike] = []
+    holding: list[str] = []
+    overlap: list[tuple[str, ...]] = []
+    taken = [0]
+    guard = threading.Lock()
+    deadline = time.monotonic() + 3.0
+
+    def work(n: int) -> None:
+        s = stores[n]
+        i = 0
+        try:
+            while time.monotonic() < deadline:
+                i += 1
+                token = f"t{n}-{i}"
+                got = s.acquire(key, token, 5.0)
+                if got.backend_down or got.errors:
+                    down.append(got)
+                    continue
+                if not got.acquired:
+                    continue
+                with guard:
+                    holding.append(token)
+                    if len(holding) > 1:
+                        overlap.append(tuple(holding))
+                    taken[0] += 1
+                with guard:
+                    holding.remove(token)
+                assert s.release(key, token)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(len(stores))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        for s in stores:
+            s.close()
+    assert not errors, errors[:3]
+    assert not down, [r.errors for r in down[:3]]
+    assert not overlap
+    assert taken[0] > 20
 
 
 # ------------------------------------------------------------------------------------------

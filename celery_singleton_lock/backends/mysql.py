@@ -55,9 +55,11 @@ _OPTIONS = ("unix_socket", "ssl", "ssl_ca", "ssl_cert", "ssl_key", "connect_time
 #: that the server ended it).
 PING_AFTER_IDLE_S = 1.0
 #: Tries of an acquire that finds a lapsed row (deleted, then inserted again) or loses a race.
-ACQUIRE_TRIES = 3
+ACQUIRE_TRIES = 5
 #: ER_DUP_ENTRY: the key has a row.
 DUP_ENTRY = 1062
+#: ER_LOCK_DEADLOCK: the statement was rolled back to break a deadlock.
+DEADLOCK = 1213
 
 
 def _q(name: str) -> str:
@@ -329,21 +331,28 @@ class MySQLBackend(SQLBackend):
         cur = conn.cursor()
         try:
             for _ in range(ACQUIRE_TRIES):
-                if self._insert(cur, s, key, token, ttl_ms, cols):
-                    return True, int(cur.lastrowid), None, -1
-                # The key has a row: whose, and is its lease still running?
-                cur.execute(s.peek, (token, key))
-                row = cur.fetchone()
-                if row is None:
-                    continue  # released (or swept) since: insert again
-                mine, fence, owner, pttl = row
-                if int(pttl) > 0 and not mine:
-                    return False, 0, owner or "", int(pttl)
-                if int(pttl) > 0:  # ours already: a refresh keeps the fence
-                    if cur.execute(s.refresh, (ttl_ms * 1000, key, token)) == 1:
-                        return True, int(fence), None, -1
-                    continue
-                cur.execute(s.drop_lapsed, (key,))  # a lapsed lease: anyone may take it
+                try:
+                    if self._insert(cur, s, key, token, ttl_ms, cols):
+                        return True, int(cur.lastrowid), None, -1
+                    # The key has a row: whose, and is its lease still running?
+                    cur.execute(s.peek, (token, key))
+                    row = cur.fetchone()
+                    if row is None:
+                        continue  # released (or swept) since: insert again
+                    mine, fence, owner, pttl = row
+                    if int(pttl) > 0 and not mine:
+                        return False, 0, owner or "", int(pttl)
+                    if int(pttl) > 0:  # ours already: a refresh keeps the fence
+                        if cur.execute(s.refresh, (ttl_ms * 1000, key, token)) == 1:
+                            return True, int(fence), None, -1
+                        continue
+                    cur.execute(s.drop_lapsed, (key,))  # a lapsed lease: anyone may take it
+                except self._pymysql.err.OperationalError as exc:
+                    # InnoDB chose this statement as a deadlock victim: INSERTs of one key
+                    # racing its DELETE wait for each other's locks on the deleted record.
+                    # The key is contended, the database well: look again.
+                    if not exc.args or exc.args[0] != DEADLOCK:
+                        raise
             return False, 0, None, -1
         finally:
             cur.close()

@@ -309,23 +309,33 @@ class PostgresBackend(SQLBackend):
     def ddl(cls, names: TableNames) -> list[str]:
         return ddl(names)
 
-    def create_tables(self, conn: Any, names: TableNames) -> None:
+    def _tables_state(self, conn: Any, names: TableNames) -> tuple[bool, bool, bool]:
+        """(all tables there, the lease table there, it has the ``meta`` column)."""
         wanted = [names.fence, names.locks, names.wait, names.next, names.runs]
-        found, has_meta = conn.execute(
+        found, locks, has_meta = conn.execute(
             "SELECT (SELECT count(*) FROM unnest(%s::text[]) n WHERE to_regclass(n) IS NOT NULL),"
+            " to_regclass(%s) IS NOT NULL,"
             " EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s)"
             " AND attname = 'meta' AND NOT attisdropped)",
-            ([_q(n) for n in wanted], _q(names.locks))).fetchone()
-        if int(found) == len(wanted) and has_meta:
+            ([_q(n) for n in wanted], _q(names.locks), _q(names.locks))).fetchone()
+        return int(found) == len(wanted), bool(locks), bool(has_meta)
+
+    def create_tables(self, conn: Any, names: TableNames) -> None:
+        complete, locks, has_meta = self._tables_state(conn, names)
+        if locks and not has_meta:
+            raise self.old_table(names)
+        if complete:
             return  # made before (or by a migration): no CREATE privilege needed
         with conn.transaction():
-            # Concurrent CREATE TABLE IF NOT EXISTS can collide in the catalog: serialise.
+            # Concurrent CREATE TABLE IF NOT EXISTS can collide in the catalog: serialise,
+            # and look again once serialised (another process may have made them).
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                          ("celery_singleton_lock:" + names.locks,))
-            locks_exist = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                       (_q(names.locks),)).fetchone()[0]
-            if locks_exist and not has_meta:
+            complete, locks, has_meta = self._tables_state(conn, names)
+            if locks and not has_meta:
                 raise self.old_table(names)
+            if complete:
+                return
             for statement in ddl(names):
                 conn.execute(statement)
 
