@@ -635,8 +635,11 @@ class SQLBackend(LockBackend):
     def release(self, key: str, token: str, *, deadline: float | None = None) -> bool:
         t = table_names(key)
         try:
-            return bool(self.run(t, lambda c: self.op_release(c, t, key, token),
-                                 idempotent=False))
+            # Run again on a new connection when the pooled one turns out dead (a server
+            # restarted under an idle connection): the DELETE compares the token, so a second
+            # run never touches another holder's row. At worst, where the first run did commit
+            # before the connection died, the second finds nothing and reports False.
+            return bool(self.run(t, lambda c: self.op_release(c, t, key, token)))
         except self.driver_errors as exc:
             if deadline is not None and deadline > self.clock():
                 with self._retry_lock:
@@ -667,8 +670,7 @@ class SQLBackend(LockBackend):
             if deadline <= self.clock():
                 continue
             try:
-                self.run(table_names(key), functools.partial(self._release_on, key, token),
-                         idempotent=False)
+                self.run(table_names(key), functools.partial(self._release_on, key, token))
             except self.driver_errors:
                 keep.append((key, token, deadline))
         with self._retry_lock:
