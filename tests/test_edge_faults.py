@@ -252,6 +252,29 @@ def test_worker_start_logs_an_error_naming_an_unreachable_store_before_any_task(
         env.stop_workers([worker])
 
 
+@pytest.mark.parametrize("pool, concurrency, refused", [
+    ("prefork", 2, True), ("prefork", 1, False), ("threads", 2, False)])
+def test_worker_start_logs_an_error_for_an_in_process_store_under_prefork(
+    env: TaskEnv, pool: str, concurrency: int, refused: bool,
+) -> None:
+    """memory:// lives in one process: prefork children would each have their own store, so
+    their locks would not exclude each other. The worker says so before it takes a task."""
+    worker = env.worker(pool=pool, concurrency=concurrency, lock_url="memory://edge")
+    try:
+        worker.start()
+        env.wait(lambda: READY.search(worker.log_text()), 10, "the ready line in the log")
+        errors = [line for line in worker.log_text().splitlines()
+                  if "ERROR" in line and "in-process store" in line]
+        if refused:
+            line = _error_before_ready(worker, env)
+            assert "memory://edge" in line and "2 prefork child processes" in line
+            assert "-P solo" in line
+        else:
+            assert errors == []
+    finally:
+        env.stop_workers([worker])
+
+
 def test_worker_start_logs_an_error_when_the_store_has_no_quorum(
     env: TaskEnv, redis_masters: Callable[..., list[RedisServer]]
 ) -> None:

@@ -171,12 +171,40 @@ def check_store(app: Any) -> bool:
     return False
 
 
+def check_pool_shares_store(app: Any, worker: Any) -> bool:
+    """Log an ERROR if the app's lock store lives in one process (``memory://``) while the
+    worker runs task bodies in several prefork children: each child would have a store of its
+    own, so their locks would not exclude each other. Returns False in that case."""
+    from ..errors import LockConfigError
+    from ..settings import resolve_store_url
+
+    pool = getattr(worker, "pool_cls", None)
+    pool_name = f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', pool)}"
+    children = _pool_size(worker)
+    if "prefork" not in pool_name or children <= 1:
+        return True
+    try:
+        url = resolve_store_url(app)
+    except LockConfigError:
+        return True  # reported by check_store
+    if not all(u.split("://", 1)[0].lower() == "memory" for u in url.urls):
+        return True
+    logger.error(
+        "lock store %s: singleton_lock_url names an in-process store, but this worker runs "
+        "tasks in up to %d prefork child processes, each with a store of its own: their locks "
+        "do not exclude each other, so duplicates run at once. Use a shared store (redis://, "
+        "postgresql://, ...) or a pool of one process (-P solo, -P threads)",
+        url.redacted, children)
+    return False
+
+
 def _on_worker_setup(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
     app = getattr(instance, "app", None) or _app
     if app is None:
         return
     try:
         check_store(app)
+        check_pool_shares_store(app, instance)
     except Exception:  # a check must never stop the worker from starting
         logger.exception("cannot check the lock store")
 
