@@ -62,6 +62,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -534,6 +535,7 @@ class Worker:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
         self._proc = None
+        shutil.rmtree(self._dir, ignore_errors=True)  # the worker's log, read before this
 
 
 @dataclass
