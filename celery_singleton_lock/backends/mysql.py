@@ -41,6 +41,7 @@ from .sql import (
     Columns,
     SQLBackend,
     TableNames,
+    choose_slot,
     slot_key,
 )
 
@@ -84,7 +85,7 @@ WHERE lock_key = %s AND token = %s AND expires_us > {NOW}"""
 INSERT INTO {locks} (lock_key, token, expires_us, acquired_us) VALUES (%s, '', 0, {NOW})
 ON DUPLICATE KEY UPDATE expires_us = expires_us"""
         self.slots = f"""
-SELECT lock_key, token, owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
+SELECT lock_key, token, owner, (expires_us - {NOW}) DIV 1000, fence FROM {locks}
 WHERE lock_key IN %s"""
         self.holder = f"""
 SELECT owner, (expires_us - {NOW}) DIV 1000 FROM {locks}
@@ -379,21 +380,11 @@ class MySQLBackend(SQLBackend):
             cur.execute(s.lock_base, (key,))
             cur.execute(s.slots, (keys,))
             rows = {r[0]: r for r in cur.fetchall()}
-            free = None
-            owner, least = "", -1
-            for i, k in enumerate(keys):
-                row = rows.get(k)
-                if row is None or int(row[3]) <= 0:
-                    free = i if free is None else free
-                    continue
-                if row[1] == token and cur.execute(s.refresh, (ttl_ms * 1000, k, token)) == 1:
-                    cur.execute("SELECT fence FROM " + _q(t.locks) + " WHERE lock_key = %s",
-                                (k,))
-                    fence = int(cur.fetchone()[0])
-                    conn.commit()
-                    return True, fence, None, -1, i
-                if least < 0 or int(row[3]) < least:
-                    owner, least = row[2] or "", int(row[3])
+            free, mine, owner, least = choose_slot(keys, rows, token)
+            if mine is not None and cur.execute(s.refresh, (ttl_ms * 1000, keys[mine],
+                                                            token)) == 1:
+                conn.commit()
+                return True, int(rows[keys[mine]][4]), None, -1, mine
             if free is None:
                 conn.commit()
                 return False, 0, owner, least, -1

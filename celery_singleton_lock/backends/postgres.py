@@ -45,6 +45,7 @@ from .sql import (
     Columns,
     SQLBackend,
     TableNames,
+    choose_slot,
     slot_base,
     slot_key,
     socket_readable,
@@ -368,20 +369,12 @@ class PostgresBackend(SQLBackend):
         with conn.transaction():
             conn.execute(s.lock_base, {"name": f"celery_singleton_lock:{t.locks}:{key}"})
             rows = {r[0]: r for r in conn.execute(s.slots, {"keys": keys}).fetchall()}
-            free = None
-            owner, least = "", -1
-            for i, k in enumerate(keys):
-                row = rows.get(k)
-                if row is None or int(row[3]) <= 0:
-                    free = i if free is None else free
-                    continue
-                if row[1] == token:
-                    got = conn.execute(s.refresh, {"key": k, "token": token,
-                                                   "ttl_ms": ttl_ms}).fetchone()
-                    if got is not None:
-                        return True, int(got[0]), None, -1, i
-                if least < 0 or int(row[3]) < least:
-                    owner, least = row[2] or "", int(row[3])
+            free, mine, owner, least = choose_slot(keys, rows, token)
+            if mine is not None:
+                got = conn.execute(s.refresh, {"key": keys[mine], "token": token,
+                                               "ttl_ms": ttl_ms}).fetchone()
+                if got is not None:
+                    return True, int(got[0]), None, -1, mine
             if free is None:
                 return False, 0, owner, least, -1
             taken = conn.execute(s.acquire, self._params(keys[free], token, ttl_ms,

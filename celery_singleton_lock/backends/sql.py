@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from ..errors import LockBackendError, LockConfigError
-from ..keys import slot_base, slot_key
+from ..keys import glob_regex, slot_base, slot_key
 from ..urls import redact_url
 from .base import (
     AcquireResult,
@@ -60,7 +60,8 @@ from .base import (
     Renewal,
 )
 
-__all__ = ["SQLBackend", "TableNames", "table_names", "slot_base", "slot_key"]
+__all__ = ["SQLBackend", "TableNames", "choose_slot", "table_names", "slot_base",
+           "slot_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +246,26 @@ def view_of(name: str, row: Sequence[Any]) -> tuple[str, LockView]:
     view = LockView(name=name, held=True, token=token or "",
                     ttl_s=max(0.0, int(left_us) / 1e6), fields=fields)
     return key, view
+
+
+def choose_slot(keys: Sequence[str], rows: dict[str, Sequence[Any]],
+                token: str) -> tuple[int | None, int | None, str, int]:
+    """For ``lock_limit``: ``(first free slot, first slot ``token`` holds, the owner and ms
+    left of the held slot that lapses first)``, from ``rows`` read as (key, token, owner, ms
+    left) by slot key; indexes are None where there is none, ms left -1 where nothing is
+    held."""
+    free = mine = None
+    owner, least = "", -1
+    for i, k in enumerate(keys):
+        row = rows.get(k)
+        if row is None or int(row[3]) <= 0:
+            free = i if free is None else free
+            continue
+        if row[1] == token and mine is None:
+            mine = i
+        if least < 0 or int(row[3]) < least:
+            owner, least = row[2] or "", int(row[3])
+    return free, mine, owner, least
 
 
 # ------------------------------------------------------------------------------------------
@@ -761,7 +782,7 @@ class SQLBackend(LockBackend):
         high = _after_prefix(low)
         after: str | None = None
         seen = 0
-        match = glob_matcher(pattern)
+        match = glob_regex(pattern).match if pattern is not None else None
         while True:
             rows = self.run(t, functools.partial(self._page_on, t, low, high, after))
             for row in rows:
@@ -950,37 +971,3 @@ def _after_prefix(prefix: str) -> str | None:
             return "".join(chars)
         chars.pop()
     return None
-
-
-def glob_matcher(pattern: str | None) -> Callable[[str], bool] | None:
-    """A matcher for a Redis glob (``*``, ``?``, ``[...]``, ``\\`` escapes), as SCAN MATCH
-    reads it; None for no pattern."""
-    if pattern is None:
-        return None
-    out, i, n = [], 0, len(pattern)
-    while i < n:
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < n:
-            out.append(re.escape(pattern[i + 1]))
-            i += 2
-            continue
-        if ch == "*":
-            out.append(".*")
-        elif ch == "?":
-            out.append(".")
-        elif ch == "[":
-            end = pattern.find("]", i + 1)
-            if end < 0:
-                out.append(re.escape(ch))
-            else:
-                body = pattern[i + 1:end]
-                neg = body.startswith("^")
-                body = body[1:] if neg else body
-                out.append("[" + ("^" if neg else "") + body.replace("\\", "\\\\") + "]")
-                i = end + 1
-                continue
-        else:
-            out.append(re.escape(ch))
-        i += 1
-    compiled = re.compile("".join(out) + r"\Z", re.S)
-    return lambda key: compiled.match(key) is not None
