@@ -21,7 +21,6 @@ because the server does not change its user id: as root it runs with ``--user=ro
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import secrets
@@ -35,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import LOOPBACK, _die_with_parent, _prctl, free_port, wait_until
+from tests.servers import LOOPBACK, LeftAtExit, _die_with_parent, _prctl, free_port, wait_until
 
 __all__ = ["PrivateMariaDB"]
 
@@ -49,20 +48,7 @@ INSTALL_TIMEOUT_S = 60.0
 #: Bound, in seconds, for a killed server to be reaped.
 EXIT_TIMEOUT_S = 10.0
 
-_LIVE: dict[int, PrivateMariaDB] = {}
-_LIVE_LOCK = threading.Lock()
-
-
-def _close_all() -> None:
-    """Close every server a test left running (interpreter exit)."""
-    with _LIVE_LOCK:
-        servers = list(_LIVE.values())
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.close()
-
-
-atexit.register(_close_all)
+_LIVE: LeftAtExit[PrivateMariaDB] = LeftAtExit(lambda server: server.close())
 
 
 def _binary(name: str) -> str | None:
@@ -97,8 +83,7 @@ class PrivateMariaDB:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
         self._closed = False
-        with _LIVE_LOCK:
-            _LIVE[id(self)] = self
+        _LIVE.add(self)
 
     # -- addresses -----------------------------------------------------------------------------
 
@@ -285,8 +270,7 @@ class PrivateMariaDB:
             self._kill()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
-            with _LIVE_LOCK:
-                _LIVE.pop(id(self), None)
+            _LIVE.discard(self)
 
     # -- diagnostics ---------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ polling (:func:`tests.servers.wait_until`), never a bare sleep.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import shutil
@@ -21,7 +20,7 @@ import subprocess
 import threading
 from typing import Any
 
-from tests.servers import LOOPBACK, _die_with_parent, free_port, wait_until
+from tests.servers import LOOPBACK, LeftAtExit, _die_with_parent, free_port, wait_until
 
 __all__ = ["MemcachedServer", "find_memcached"]
 
@@ -30,19 +29,7 @@ START_TIMEOUT_S = 10.0
 #: Seconds to wait for a server to exit after SIGKILL.
 STOP_TIMEOUT_S = 5.0
 
-_LIVE: set[MemcachedServer] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _close_all() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-atexit.register(_close_all)
+_LIVE: LeftAtExit[MemcachedServer] = LeftAtExit(lambda server: server.stop())
 
 
 def find_memcached() -> str | None:
@@ -93,8 +80,7 @@ class MemcachedServer:
                 stderr=subprocess.PIPE, preexec_fn=_die_with_parent if in_main else None,
             )
             self._paused = False
-            with _LIVE_LOCK:
-                _LIVE.add(self)
+            _LIVE.add(self)
             try:
                 wait_until(lambda: self._proc is not None and
                            (self._proc.poll() is not None or self.answers()),
@@ -179,8 +165,7 @@ class MemcachedServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+        _LIVE.discard(self)
         if proc is None:
             return
         if self._paused:

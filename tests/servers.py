@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import redis
@@ -264,20 +264,36 @@ def _make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
 # --------------------------------------------------------------------------------------------
 # Process registry: nothing outlives the test run.
 
-_LIVE: dict[int, RedisServer] = {}
-_LIVE_LOCK = threading.Lock()
+T = TypeVar("T")
 
 
-def _close_all() -> None:
-    """Close every server still registered (runs at interpreter exit)."""
-    with _LIVE_LOCK:
-        servers = list(_LIVE.values())
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.close()
+class LeftAtExit(Generic[T]):
+    """What tests started and have not stopped yet (servers, workers): whatever a test left
+    running is ended with ``finish`` at interpreter exit."""
+
+    def __init__(self, finish: Callable[[T], object]) -> None:
+        self._finish = finish
+        self._live: dict[int, T] = {}
+        self._lock = threading.Lock()
+        atexit.register(self.finish_all)
+
+    def add(self, item: T) -> None:
+        with self._lock:
+            self._live[id(item)] = item
+
+    def discard(self, item: T) -> None:
+        with self._lock:
+            self._live.pop(id(item), None)
+
+    def finish_all(self) -> None:
+        with self._lock:
+            items = list(self._live.values())
+        for item in items:
+            with contextlib.suppress(Exception):
+                self._finish(item)
 
 
-atexit.register(_close_all)
+_LIVE: LeftAtExit[RedisServer] = LeftAtExit(lambda server: server.close())
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,8 +490,7 @@ class RedisServer:
             preexec_fn=_die_with_parent if main and _prctl is not None else None,
         )
         self._paused = False
-        with _LIVE_LOCK:
-            _LIVE[id(self)] = self
+        _LIVE.add(self)
 
     def _ping(self) -> bool:
         proc = self._proc
@@ -548,8 +563,7 @@ class RedisServer:
     def close(self) -> None:
         """Stop the process and delete its temporary directory. Safe to call twice."""
         self._reap()
-        with _LIVE_LOCK:
-            _LIVE.pop(id(self), None)
+        _LIVE.discard(self)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -23,7 +23,6 @@ Nothing outlives the test run: every worker a test starts is stopped by its fixt
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import gc
 import json
@@ -42,7 +41,7 @@ from typing import Any
 import psutil
 import redis
 
-from tests.servers import _PR_SET_PDEATHSIG, RedisServer, _prctl, wait_until
+from tests.servers import _PR_SET_PDEATHSIG, LeftAtExit, RedisServer, _prctl, wait_until
 
 __all__ = [
     "CeleryWorker",
@@ -70,20 +69,7 @@ class WorkerError(RuntimeError):
     """A worker failed to start or exited unexpectedly; the message carries its log tail."""
 
 
-_LIVE: dict[int, CeleryWorker] = {}
-_LIVE_LOCK = threading.Lock()
-
-
-def _kill_all() -> None:
-    """SIGKILL the process group of every worker still registered (interpreter exit)."""
-    with _LIVE_LOCK:
-        workers = list(_LIVE.values())
-    for worker in workers:
-        with contextlib.suppress(Exception):
-            worker.kill()
-
-
-atexit.register(_kill_all)
+_LIVE: LeftAtExit[CeleryWorker] = LeftAtExit(lambda worker: worker.kill())
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
@@ -205,8 +191,7 @@ class CeleryWorker:
         self._paused = False
         #: Set once the group is reaped: its pid may be reused, never signal it again.
         self._done = False
-        with _LIVE_LOCK:
-            _LIVE[id(self)] = self
+        _LIVE.add(self)
 
         def ready() -> bool:
             if self._proc is not None and self._proc.poll() is not None:
@@ -285,8 +270,7 @@ class CeleryWorker:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(10)
         self._paused = False
-        with _LIVE_LOCK:
-            _LIVE.pop(id(self), None)
+        _LIVE.discard(self)
         if self._log is not None:
             self._log.close()
             self._log = None
