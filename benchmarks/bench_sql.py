@@ -55,9 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
-import importlib.metadata
 import json
 import os
 import platform
@@ -83,6 +81,7 @@ for _path in (str(REPO_ROOT), str(HERE)):
         sys.path.insert(0, _path)
 
 from celery import Celery  # noqa: E402
+from procstat import commit, die_with_parent, tree_cpu, version  # noqa: E402
 
 from celery_singleton_lock import LockedTask, Redlock  # noqa: E402
 from celery_singleton_lock.urls import redact_url  # noqa: E402
@@ -428,50 +427,6 @@ def measure_cycles(urls: dict[str, str], names: Sequence[str], *, cycles: int, r
 # --------------------------------------------------------------------------------------------
 # Tasks through real workers
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _stat(pid: int) -> tuple[int, float] | None:
-    """``(ppid, CPU seconds)`` from ``/proc/<pid>/stat`` (utime + stime + cutime + cstime)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(b")") + 2:].split()
-    return int(fields[1]), sum(int(x) for x in fields[11:15]) / _CLK_TCK
-
-
-def tree_cpu(root: int) -> float:
-    """CPU seconds so far of ``root`` and every process below it."""
-    parents: dict[int, int] = {}
-    seconds: dict[int, float] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            got = _stat(int(entry.name))
-            if got is not None:
-                parents[int(entry.name)], seconds[int(entry.name)] = got
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in tree:
-                tree.add(pid)
-                frontier.append(pid)
-    return sum(seconds.get(pid, 0.0) for pid in tree)
-
-
-try:  # looked up here, not in the forked child
-    _prctl: Any = ctypes.CDLL(None).prctl
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent() -> None:  # in the forked child, before exec
-    if _prctl is not None:
-        _prctl(1, 15, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGTERM
-
-
 class Worker:
     """``celery -A bench_sql worker -P prefork -c N`` with ``singleton_lock_url`` = ``lock_url``,
     idling on a queue of its own until told to consume ``queue``."""
@@ -498,7 +453,7 @@ class Worker:
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(argv, cwd=str(HERE), env=env, stdin=subprocess.DEVNULL,
                                           stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True, preexec_fn=_die_with_parent)
+                                          start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s
         while not app.control.ping(destination=[self.hostname], timeout=0.5):
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -506,7 +461,7 @@ class Worker:
         return self
 
     def cpu_s(self) -> float:
-        return tree_cpu(self._proc.pid) if self._proc is not None else 0.0
+        return sum(tree_cpu(self._proc.pid).values()) if self._proc is not None else 0.0
 
     def consume(self) -> None:
         if not app.control.add_consumer(self.queue, destination=[self.hostname], reply=True,
@@ -609,22 +564,6 @@ def measure_tasks(workers: dict[str, Worker], backend: Any, *, tasks: int, round
 # Output
 
 
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 def _pg_environment(url: str) -> str:
     import psycopg
 
@@ -646,10 +585,6 @@ def _mysql_environment(base: str) -> str:
         conn.close()
     return (f"MariaDB {ver} (innodb_flush_log_at_trx_commit {flush}, log_bin {log_bin}, "
             f"sync_binlog {sync_binlog})")
-
-
-def _median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def cycles_table(results: dict[str, Result], cycles: int) -> str:
@@ -803,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               rounds=args.task_rounds, warmup=args.warmup))
 
     env_line = (", ".join(environment) + f", {os.cpu_count()} CPUs, 1-min load average "
-                f"{os.getloadavg()[0]:.2f} at the end; checkout {_commit()}.")
+                f"{os.getloadavg()[0]:.2f} at the end; checkout {commit(REPO_ROOT) or '?'}.")
     if results:
         print(f"### Lock cycles (acquire + release): {args.cycles} cycles x {args.rounds} "
               f"rounds in {args.slices} slices, median round\n")

@@ -63,9 +63,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -97,6 +95,7 @@ if os.environ.get(ENV_PACKAGE):
 
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
+from procstat import commit, cpu_since, die_with_parent, median, tree_cpu, version  # noqa: E402
 
 import celery_singleton_lock  # noqa: E402
 from celery_singleton_lock import LockedTask  # noqa: E402
@@ -390,64 +389,6 @@ def configure(broker_url: str, backend_url: str, lock_url: str) -> None:
                           "settings": {"url": lock_url, "default_timeout": 3600}})
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _stat(pid: int) -> tuple[int, float] | None:
-    """``(ppid, CPU seconds)`` of ``pid`` from ``/proc/<pid>/stat``: utime + stime of all its
-    threads, plus cutime + cstime, the CPU of children it has reaped (a pool child that exits
-    in a round still counts), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(b")") + 2:].split()  # after "pid (comm) ": state is field 3
-    ppid = int(fields[1])
-    ticks = sum(int(x) for x in fields[11:15])  # fields 14-17: utime stime cutime cstime
-    return ppid, ticks / _CLK_TCK
-
-
-def tree_cpu(root: int) -> dict[int, float]:
-    """CPU seconds of ``root`` and every process below it, by pid (Linux ``/proc``)."""
-    parents: dict[int, int] = {}
-    seconds: dict[int, float] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            got = _stat(int(entry.name))
-            if got is not None:
-                parents[int(entry.name)], seconds[int(entry.name)] = got
-    if root not in seconds:
-        return {}
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in tree:
-                tree.add(pid)
-                frontier.append(pid)
-    return {pid: seconds[pid] for pid in tree}
-
-
-def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds the tree spent between two :func:`tree_cpu` readings. A process that
-    appeared in between counts in full; one that exited and was reaped by the worker's main
-    process is in the main's cutime + cstime, so its earlier reading is taken off."""
-    return sum(after.values()) - sum(before.values())
-
-
-try:  # looked up here, not in the forked child
-    _prctl: Any = ctypes.CDLL(None).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
-def _die_with_parent() -> None:  # runs in the forked child, before exec
-    """Linux: SIGTERM the worker if this script dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
-    if _prctl is not None:
-        _prctl(1, 15, 0, 0, 0)
-
-
 class Worker:
     """``celery -A bench_tasks worker -P prefork -c N`` in its own process group.
 
@@ -486,7 +427,7 @@ class Worker:
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(argv, cwd=str(HERE), env=env, stdin=subprocess.DEVNULL,
                                           stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True, preexec_fn=_die_with_parent)
+                                          start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s
         while not app.control.ping(destination=[self.hostname], timeout=0.5):
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -824,13 +765,6 @@ def measure(bench: Bench, lock_url: str, names: Sequence[str], *, tasks: int, ro
 # Output
 
 
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _hiredis() -> str:
     try:
         from redis.utils import HIREDIS_AVAILABLE
@@ -839,24 +773,10 @@ def _hiredis() -> str:
     return "yes" if HIREDIS_AVAILABLE else "no"
 
 
-def _commit(path: Path) -> str | None:
-    """The short commit of the git checkout at ``path`` (None if it is not one)."""
-    try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _trips(result: Result, phase: str) -> str:
     if not result.trips_tasks:
         return "n/a"
     return f"{_per_task(result.trips.get(phase, {}), result.trips_tasks):.2f}"
-
-
-def _median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def _paired(result: Result, base: Result, attr: str) -> list[float]:
@@ -889,7 +809,7 @@ def table(results: dict[str, Result], tasks: int) -> str:
             lines.append(f"| {name} | n/a ({result.error}) | n/a | n/a | n/a | n/a | n/a | n/a "
                          "| n/a | n/a |")
             continue
-        e2e, base_e2e = _median(result.e2e), _median(plain.e2e)
+        e2e, base_e2e = median(result.e2e), median(plain.e2e)
         worker, base_worker = best.rate, plain.median()
         e2e_ratio = f"{e2e / base_e2e:.2f}x" if e2e and base_e2e else "n/a"
         worker_ratio = f"{worker / base_worker.rate:.2f}x" if base_worker is not None else "n/a"
@@ -897,7 +817,7 @@ def table(results: dict[str, Result], tasks: int) -> str:
         rounds = ", ".join(f"{x:.2f}" for x in paired)
         if paired:
             rounds += f" (median {statistics.median(paired):.2f})"
-        cpu_e2e, cpu_worker = _median(_cpu(result, "e2e")), _median(_cpu(result, "worker"))
+        cpu_e2e, cpu_worker = median(_cpu(result, "e2e")), median(_cpu(result, "worker"))
         lines.append(
             f"| {name} | {e2e or 0:,.0f} | {e2e_ratio} | {cpu_e2e or 0:,.0f} | {worker:,.0f} "
             f"| {worker_ratio} | {cpu_worker or 0:,.0f} | {rounds} | {_trips(result, 'publish')} "
@@ -1030,15 +950,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if locked is not None and best is not None and base is not None:
         scripts = sum(best.worker_stats.get(c, 0) + best.publish_stats.get(c, 0)
                       for c in ("evalsha", "eval"))
-        e2e = _median(locked.e2e) or 0.0
-        print(f"\nLockedTask / plain Task: {e2e / (_median(plain.e2e) or 1):.2f}x end to end "
+        e2e = median(locked.e2e) or 0.0
+        print(f"\nLockedTask / plain Task: {e2e / (median(plain.e2e) or 1):.2f}x end to end "
               f"(target >= {TARGET_LOCKED_VS_PLAIN:.2f}x), {best.rate / base.rate:.2f}x "
               f"in the worker; lock scripts per task (INFO commandstats): "
               f"{scripts / args.tasks:.2f} (one acquire, waited for; one release, whose reply "
               f"is read with the next command). Peers measured elsewhere: "
               + ", ".join(f"{k} {v:.2f}x" for k, v in PEERS_MEASURED_ELSEWHERE.items()) + ".")
-    commit = _commit(REPO_ROOT)
-    trees = f"this checkout {commit or REPO_ROOT} ({imported.get('LockedTask')})"
+    head = commit(REPO_ROOT)
+    trees = f"this checkout {head or REPO_ROOT} ({imported.get('LockedTask')})"
     if BASELINE in imported:
         trees += f", baseline {imported[BASELINE]}"
     print(f"\nPython {platform.python_version()}, celery {version('celery')}, redis-py "
@@ -1052,7 +972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "rounds": [vars(x) for x in r.rounds], "e2e": r.e2e,
                    "e2e_cpu_us": r.e2e_cpu_us, "e2e_cpu_main_us": r.e2e_cpu_main_us}
             for name, r in results.items()}
-        payload["_environment"] = {"commit": commit, "imported": imported,
+        payload["_environment"] = {"commit": head, "imported": imported,
                                    "hiredis": _hiredis(), "tasks": args.tasks,
                                    "rounds": args.rounds}
         args.json.write_text(json.dumps(payload, indent=2))
