@@ -14,7 +14,7 @@ import pytest
 from celery import Celery
 
 from celery_singleton_lock import LockConfigError, LockedTask, LockKeyError
-from tests.servers import RedisServer
+from tests.servers import RedisServer, wait_until
 
 # Every task here is made with shared=False: a shared task (Celery's default) would be added to
 # every app finalized later in the session, and a bad one would break them all.
@@ -93,7 +93,9 @@ def test_lock_key_for_equals_the_key_written_to_redis(
     assert seen["hash"]["owner"] == result.id == seen["id"]
     assert seen["hash"]["task"] == "config.keyed"
     assert key.startswith("csl:config.keyed:{") and key.endswith("}")
-    assert not client.exists(key)  # released at the end
+    # Released at the end: the release is written without waiting for its reply, so this
+    # other connection may ask before the server has read it.
+    wait_until(lambda: not client.exists(key), 2, message="the lock released")
     client.close()
 
 
